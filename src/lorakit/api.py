@@ -1,0 +1,48 @@
+"""The Python API: one function per CLI verb."""
+
+from pathlib import Path
+
+from lorakit import console
+from lorakit.config import Config, load_config
+from lorakit.train.loop import TrainResult
+from lorakit.train import loop
+
+
+def train(config: Config | str | Path, resume: bool = False) -> TrainResult:
+    """Train the adapter described by `config` (a Config or a YAML path); evaluate it unless
+    eval.after_train is false. The result's `.eval` holds the evaluation summary (or None)."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    result = loop.train(cfg, resume=resume)
+    console.info(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f}s)")
+    if cfg.eval.after_train and (cfg.eval.prompts or cfg.data.eval):  # split-off eval: loss only
+        result.eval = evaluate(result.output_dir)
+    return result
+
+
+def evaluate(run_dir: str | Path, prompts: str | None = None, limit: int | None = None) -> dict:
+    """Base vs tuned on held-out prompts; writes RUN_DIR/eval/ and prints the table."""
+    from lorakit.eval import evaluate as run_eval
+
+    summary = run_eval(run_dir, prompts=prompts, limit=limit)
+    console.metrics_table(summary)
+    return summary
+
+
+def check(config: Config | str | Path) -> dict:
+    """Render and verify every example without loading model weights; returns the data report."""
+    from lorakit import data, models
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model), cfg.trust_remote_code)
+    _, _, report = data.prepare_run(cfg, tokenizer)
+    console.data_summary(report)
+    return report
+
+
+def init(directory: str | Path = ".") -> Path:
+    """Write a commented starter config and a small data set that trains as-is; returns the config path."""
+    from lorakit.starter import write_starter
+
+    path = write_starter(Path(directory))
+    console.info(f"wrote {path} and its data. Train it with: lorakit train {path}")
+    return path

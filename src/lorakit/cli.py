@@ -1,0 +1,66 @@
+"""`lorakit VERB ...`: each verb parses its arguments and calls one function of the Python API."""
+
+import argparse
+import sys
+
+import lorakit
+from lorakit import console
+
+
+def _init(args) -> None:
+    lorakit.init(args.dir)
+
+
+def _check(args) -> None:
+    lorakit.check(lorakit.load_config(args.config, args.overrides))
+
+
+def _train(args) -> None:
+    lorakit.train(lorakit.load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _eval(args) -> None:
+    lorakit.evaluate(args.run_dir, prompts=args.prompts, limit=args.limit)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune small language models with LoRA and QLoRA.")
+    parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("init", help="write a starter config and a small data file that trains as-is")
+    p.add_argument("dir", nargs="?", default=".")
+    p.set_defaults(run=_init)
+
+    for name, fn, text in (("check", _check, "render and check the data; print the report"),
+                           ("train", _train, "train an adapter, then evaluate it")):
+        p = verbs.add_parser(name, help=text)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=20")
+        p.set_defaults(run=fn)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+    p = verbs.add_parser("eval", help="base vs tuned on held-out prompts")
+    p.add_argument("run_dir")
+    p.add_argument("--prompts", help="file of held-out conversations (default: data.eval of the run)")
+    p.add_argument("--limit", type=int, help="evaluate at most N prompts")
+    p.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console.quiet_libraries()
+    try:
+        args.run(args)
+    except lorakit.LorakitError as e:
+        console.error(str(e))
+        return e.exit_code
+    except (lorakit.Interrupted, KeyboardInterrupt) as e:
+        console.warn(str(e) or "interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Render a conversation with a chat template and mask the loss to exactly the assistant turns.
+
+Works for any Jinja chat template, with or without `{% generation %}` markers, by rendering prefixes:
+for the assistant message i, P = messages[:i] rendered with the generation prompt and
+Q = messages[:i+1] must both be prefixes of the full rendering F, so F[len(P):len(Q)] is exactly
+what turn i added (Q may also end in a closing tail of special tokens that F ends with too, as
+Phi-3's eos after the last message). In that span we train the assistant content and the text after
+it up to and including the end-of-turn marker (the first special token), nothing else. Every example
+is checked by decoding its trained tokens back to that text; any doubt raises `RenderError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import jinja2
+
+from lorakit.data.load import DataError
+
+IGNORE = -100
+_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+
+
+class RenderError(DataError):
+    """The chat template and this example cannot give an exact loss mask; the message says why."""
+
+
+@dataclass
+class Rendered:
+    """Token ids of one example; `labels` is the id where the loss is taken and -100 elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class _Turn:
+    index: int  # position of the assistant message in `messages`
+    content: str  # the content as the template printed it (as given, or stripped)
+    start: int  # character offsets in the full rendering: trained text is [start, end)
+    content_end: int
+    end: int
+    eot: str | None  # the end-of-turn special token, None when the turn ends in plain text
+
+
+def render(
+    tokenizer,
+    messages: list[dict],
+    *,
+    loss_on: Literal["assistant", "all"] = "assistant",
+    template: str | None = None,
+    source: str = "example",
+) -> Rendered:
+    """Tokenize `messages` with the chat template (`template` overrides the tokenizer's).
+
+    `loss_on="assistant"` trains each assistant content and its end-of-turn marker;
+    `loss_on="all"` trains every token except a BOS that lorakit prepends. `source` (e.g.
+    `train.jsonl:17`) names the example in errors.
+    """
+    if loss_on == "assistant":
+        text, turns = _trace(tokenizer, messages, template, source)
+    elif loss_on == "all":
+        text, turns = _chat(tokenizer, messages, template, source, "the conversation"), None
+    else:
+        raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if turns is None:
+        labels = list(ids)
+    else:
+        labels, groups = _mask(ids, offsets, text, turns, source)
+        _verify(tokenizer, ids, text, turns, groups, source)
+    # The template decides BOS. Only when it emits none and the tokenizer would add one on its own
+    # (as the model saw in pretraining) do we add it, untrained; never a second one.
+    if _adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE, *labels]
+    return Rendered(ids, labels)
+
+
+def eot_token_ids(tokenizer, template: str | None = None) -> list[int]:
+    """The end-of-turn token id(s) of the template, then the tokenizer's eos: the stop tokens."""
+    _, (turn,) = _trace(tokenizer, _PROBE, template, "end-of-turn probe")
+    ids = [] if turn.eot is None else [tokenizer.convert_tokens_to_ids(turn.eot)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _trace(tokenizer, messages: list[dict], template: str | None, source: str) -> tuple[str, list[_Turn]]:
+    """The full rendering and, for each assistant message, the character range to train."""
+    full = _chat(tokenizer, messages, template, source, "the conversation")
+    specials = _specials(tokenizer)
+    turns = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        where = f"{source}: assistant turn messages[{i}]"
+        before = _chat(tokenizer, messages[:i], template, source, f"messages[:{i}] + generation prompt", True)
+        if not full.startswith(before):
+            raise RenderError(
+                f"{where}: the template's generation prompt is not how it starts this turn inside the "
+                f"conversation ({_divergence(before, full)}), so the model would be trained on other "
+                "text than it sees when generating; use a template whose generation prompt matches "
+                "(data.template: path to a .jinja file)"
+            )
+        through = _chat(tokenizer, messages[: i + 1], template, source, f"messages[:{i + 1}]")
+        hi = _shared_length(through, full, specials)
+        if hi is None:
+            raise RenderError(
+                f"{where}: the chat template renders the conversation up to this turn differently once "
+                f"later turns follow ({_divergence(through, full)}); it rewrites earlier turns (e.g. "
+                "drops earlier reasoning), so an exact loss mask cannot be derived. Use a template that "
+                "renders each turn the same whatever follows (data.template: path to a .jinja file), or "
+                "split the conversation so that each example ends with the one assistant turn it trains"
+            )
+        if hi < len(before):
+            raise RenderError(
+                f"{where}: the generation prompt renders longer than the assistant turn itself, "
+                "so the turn's text cannot be located"
+            )
+        turn = _locate(full, len(before), hi, message["content"], i, specials, where)
+        if hi < len(through) and turn.eot is None:
+            raise RenderError(
+                f"{where}: the template ends this turn with {_clip(through[hi:])!r} only when it is the "
+                "last one, and no end-of-turn token follows the content inside the conversation, so "
+                "where the turn ends cannot be told"
+            )
+        turns.append(turn)
+    if not turns:
+        raise RenderError(f"{source}: no assistant message, so nothing would be trained")
+    return full, turns
+
+
+def _shared_length(part: str, full: str, specials: tuple[str, ...]) -> int | None:
+    """How much of `part` the full rendering starts with: all of it, or all but a closing tail.
+
+    A closing tail is special tokens and whitespace that the template writes only after the last
+    message (Phi-3 appends eos) and that the full rendering ends with too. None when neither holds.
+    """
+    k = len(part)
+    while True:
+        if full.startswith(part[:k]) and full.endswith(part[k:]):
+            return k
+        if k and part[k - 1].isspace():
+            k -= 1
+            continue
+        closing = next((t for t in specials if part.endswith(t, 0, k)), None)
+        if closing is None:
+            return None
+        k -= len(closing)
+
+
+def _locate(full: str, lo: int, hi: int, content: str, index: int, specials: tuple[str, ...], where: str) -> _Turn:
+    """Find the assistant content in F[lo:hi] (the text turn `index` added) and its end of turn."""
+    span = full[lo:hi]
+    found = None
+    for printed in dict.fromkeys((content, content.strip())):  # templates may trim the content
+        at = _find_once(span, printed)
+        if at == -2:
+            raise RenderError(
+                f"{where}: its content appears {span.count(printed)} times in what the template added "
+                f"for the turn ({_clip(span)!r}), so which one to train is ambiguous"
+            )
+        if at >= 0:
+            found = (at, printed)
+            break
+    if found is None:
+        raise RenderError(
+            f"{where}: the template changes the assistant content (it is not printed as given nor "
+            f"stripped), so the trained text cannot be located; the turn rendered as {_clip(span)!r}"
+        )
+    at, printed = found
+    content_end = at + len(printed)
+    marker = _pattern(specials).search(span, content_end) if specials else None
+    if marker:
+        end, eot = marker.end(), marker.group()
+    else:  # a template that ends turns in plain text: train it, not the whitespace before the next turn
+        end, eot = max(content_end, len(span.rstrip())), None
+    return _Turn(index, printed, lo + at, lo + content_end, lo + end, eot)
+
+
+def _find_once(span: str, text: str) -> int:
+    """Offset of `text` in `span`: at the start, or its only occurrence; -1 if absent, -2 if ambiguous."""
+    if span.startswith(text):
+        return 0
+    count = span.count(text)
+    return span.find(text) if count == 1 else (-1 if count == 0 else -2)
+
+
+def _mask(ids, offsets, text: str, turns: list[_Turn], source: str):
+    """Labels from character ranges, plus the trained token indices of each turn."""
+    labels = [IGNORE] * len(ids)
+    groups: list[list[int]] = [[] for _ in turns]
+    r = 0
+    for k, (s, e) in enumerate(offsets):
+        while r < len(turns) and turns[r].end <= s:
+            r += 1
+        if r == len(turns):
+            break
+        turn = turns[r]
+        if e <= turn.start:
+            continue
+        if s < turn.start or e > turn.end:
+            raise RenderError(
+                f"{source}: assistant turn messages[{turn.index}]: token {k} ({text[s:e]!r}) is partly "
+                f"template text and partly the trained text {_clip(text[turn.start:turn.end])!r}, so "
+                "the loss mask cannot be exact. This happens when the content starts with whitespace "
+                "that the tokenizer merges with the template's text before it (strip the content), "
+                "or when the template glues the content to a word"
+            )
+        labels[k] = ids[k]
+        groups[r].append(k)
+    return labels, groups
+
+
+def _verify(tokenizer, ids, text: str, turns: list[_Turn], groups, source: str) -> None:
+    """Each turn's trained tokens must decode to exactly its content + end-of-turn text."""
+    for turn, group in zip(turns, groups):
+        want = turn.content + text[turn.content_end : turn.end]
+        got = tokenizer.decode(
+            [ids[k] for k in group], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if got != want:
+            raise RenderError(
+                f"{source}: assistant turn messages[{turn.index}]: the trained tokens decode to "
+                f"{_clip(got)!r} but should be {_clip(want)!r}; the tokenizer's offsets disagree with "
+                "its text, so this mask cannot be trusted"
+            )
+
+
+def _chat(tokenizer, messages, template, source: str, what: str, generation_prompt: bool = False) -> str:
+    if template is None and tokenizer.chat_template is None:
+        raise RenderError(
+            "the tokenizer has no chat template; set data.template to the path of a .jinja file"
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{source}: the chat template failed rendering {what}: {e}") from e
+
+
+def _specials(tokenizer) -> tuple[str, ...]:
+    """The special token strings (and eos), longest first so that a match prefers the longest."""
+    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
+    if tokenizer.eos_token:
+        tokens.add(tokenizer.eos_token)
+    return tuple(sorted(tokens, key=lambda t: (-len(t), t)))
+
+
+@functools.lru_cache(maxsize=8)
+def _pattern(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, specials)))
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def _divergence(part: str, full: str) -> str:
+    at = next((k for k, (a, b) in enumerate(zip(part, full)) if a != b), min(len(part), len(full)))
+    alone, within = _clip(part[at:], 60), _clip(full[at:], 60)
+    return f"at character {at}: alone {alone!r}, in the full conversation {within!r}"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

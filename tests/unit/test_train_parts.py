@@ -1,0 +1,98 @@
+"""The loop's parts on a tiny random model: loss fast path, step schedule, checkpoints, lr schedule."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit.config import load_config
+from lorakit.data.render import Rendered
+from lorakit.train import checkpoint
+from lorakit.train.batches import IGNORE, Schedule, collate, trained_tokens
+from lorakit.train.loop import _lr_lambda
+from lorakit.train.loss import loss_sum, reference_loss_sum
+
+
+@pytest.fixture
+def lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def _batch(pad_id: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n, start in ((12, 5), (7, 3), (20, 15)):
+        ids = torch.randint(3, 1000, (n,), generator=g).tolist()
+        examples.append(Rendered(ids, [IGNORE] * start + ids[start:]))
+    return collate(examples, pad_id)
+
+
+def test_fast_loss_matches_full_logits_reference(lora_model):
+    batch = _batch(pad_id=2)
+    fast = loss_sum(lora_model, batch)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in lora_model.parameters() if p.requires_grad]
+    lora_model.zero_grad()
+    ref = reference_loss_sum(lora_model, batch)
+    ref.backward()
+    ref_grads = [p.grad for p in lora_model.parameters() if p.requires_grad]
+    assert torch.allclose(fast, ref, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(fast_grads, ref_grads))
+
+
+def test_collate_pads_right_and_masks_padding():
+    batch = _batch(pad_id=2)
+    assert batch["input_ids"].shape == (3, 20)
+    assert batch["attention_mask"][1].tolist() == [1] * 7 + [0] * 13
+    assert (batch["labels"][1, 7:] == IGNORE).all()
+    assert trained_tokens(batch["labels"]) == (12 - 5) + (7 - 3) + (20 - 15)
+
+
+def test_schedule_covers_each_epoch_once_and_is_a_pure_function_of_step():
+    s = Schedule(n_examples=10, batch_size=2, grad_accum=2, seed=3)
+    assert s.steps_per_epoch == 3
+    epoch0 = [i for step in range(3) for mb in s.step_indices(step) for i in mb]
+    assert sorted(epoch0) == list(range(10))
+    assert s.step_indices(4) == Schedule(10, 2, 2, 3).step_indices(4)  # resume replays the same samples
+    assert s.step_indices(3) != s.step_indices(0)  # a new shuffle each epoch
+    assert s.total_steps(epochs=2, max_steps=None) == 6 and s.total_steps(1, max_steps=4) == 4
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = load_config(overrides=["train.warmup_ratio=0.1", "train.scheduler=cosine"], require_train=False)
+    f = _lr_lambda(cfg, total=100)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(99) < 0.01
+    assert _lr_lambda(load_config(overrides=["train.scheduler=constant"], require_train=False), 100)(50) == 1.0
+
+
+def test_checkpoint_roundtrip_manifest_and_rotation(tmp_path, lora_model):
+    opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss_sum(lora_model, _batch(2)).backward()
+    opt.step()
+    for step in (1, 2, 3):
+        torch.manual_seed(123)
+        checkpoint.save(tmp_path, step, lora_model, opt, sched, {"note": "x"}, keep=2)
+    expected_next = torch.rand(3)
+    kept = checkpoint.complete_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["step-2", "step-3"]
+    assert checkpoint.verify(kept[-1]) is None
+    before = {n: p.detach().clone() for n, p in lora_model.named_parameters() if p.requires_grad}
+    for p in lora_model.parameters():
+        if p.requires_grad:
+            p.data.zero_()
+    state = checkpoint.load(kept[-1], lora_model, opt, sched)
+    assert state["step"] == 3 and state["note"] == "x"
+    assert all(torch.equal(before[n], p) for n, p in lora_model.named_parameters() if p.requires_grad)
+    assert torch.equal(torch.rand(3), expected_next)  # RNG state restored
+    (kept[-1] / "adapter.safetensors").write_bytes(b"corrupt")
+    assert "checksum" in checkpoint.verify(kept[-1])
+    assert set(json.loads((kept[0] / "manifest.json").read_text())) == {"adapter.safetensors", "trainer.pt",
+                                                                         "state.json"}
