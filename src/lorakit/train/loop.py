@@ -9,7 +9,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     eval: dict | None = None  # filled by lorakit.train when it evaluates after training
+    model: object = field(default=None, repr=False)  # the trained PEFT model, for use from Python
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
@@ -57,6 +58,9 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     template = Path(cfg.data.template).read_text() if cfg.data.template else None
     train_data, eval_data, report = data.prepare_run(cfg, tokenizer)
     console.data_summary(report)
+    if cfg.data.packing:
+        console.warn("data.packing is not implemented yet: batches are padded instead (set data.packing: false "
+                     "to silence this)")
     (out / "data_report.json").write_text(json.dumps(report, indent=1) + "\n")
     dump_config(cfg, out / "config.yaml")
 
@@ -121,8 +125,9 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     stop.restore()
 
     adapter_dir = out / "adapter"
-    save_adapter(accelerator.unwrap_model(model), tokenizer, template, adapter_dir)
-    return TrainResult(out, adapter_dir, step, last_loss, time.time() - started)
+    model = accelerator.unwrap_model(model)
+    save_adapter(model, tokenizer, template, adapter_dir)
+    return TrainResult(out, adapter_dir, step, last_loss, time.time() - started, model=model)
 
 
 @torch.no_grad()

@@ -1,0 +1,70 @@
+"""`lorakit train` end to end on the embedded SmolLM2-135M-Instruct, on CPU."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+import lorakit
+from lorakit import models
+from lorakit.models import resolve_precision
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fresh_base(cfg):
+    device = torch.device("cpu")
+    return models.load_base(cfg, models.resolve_model(cfg.model), resolve_precision("fp32", device), device)
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids["input_ids"]).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_train_changes_adapter_only_and_reloads_identically(overfit_config, tmp_path, method):
+    cfg = lorakit.load_config(overfit_config, [f"method={method}", f"output_dir={tmp_path / 'run'}"])
+    result = lorakit.train(cfg)
+    run = tmp_path / "run"
+
+    losses = _losses(run)
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0], losses  # the overfit set is being learned
+
+    trained = result.model
+    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: it moved
+
+    fresh = _fresh_base(cfg).state_dict()
+    base_part = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                 for k, v in trained.state_dict().items() if "lora_" not in k}
+    assert set(fresh) <= set(base_part)
+    assert all(torch.equal(fresh[k], base_part[k]) for k in fresh)  # frozen base untouched (4-bit packed too)
+
+    tokenizer = models.load_tokenizer(str(run / "adapter"))
+    reloaded = PeftModel.from_pretrained(_fresh_base(cfg), run / "adapter")
+    assert torch.equal(_logits(trained, tokenizer), _logits(reloaded, tokenizer))
+    assert (run / "adapter" / "chat_template.jinja").is_file()
+    assert json.loads((run / "data_report.json").read_text())["train"]["examples_kept"] == 8
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
+
+
+def test_eval_writes_base_vs_tuned_summary(overfit_config, tmp_path):
+    cfg = lorakit.load_config(overfit_config, [f"output_dir={tmp_path / 'run'}", "train.max_steps=4",
+                                               f"data.eval={overfit_config.parent / 'train.jsonl'}"])
+    lorakit.train(cfg)
+    summary = lorakit.evaluate(tmp_path / "run", limit=4)
+    assert summary["n"] == 4 and set(summary) >= {"base", "tuned"}
+    assert set(summary["tuned"]) == {"exact_match", "stop_rate"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["base"]["output"] != rows[0]["tuned"]["output"]
+    # memorised answers: the tuned model reproduces the training answers it overfit
+    assert summary["tuned"]["exact_match"] > summary["base"]["exact_match"]
