@@ -13,7 +13,7 @@ demo: $(VENV)/.installed $(MODEL)
 	$(VENV)/bin/lorakit train examples/support_tickets/config.yaml
 
 test: $(VENV)/.installed-dev $(MODEL)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=8
 
 install: $(VENV)/.installed
 

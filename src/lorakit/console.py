@@ -93,8 +93,10 @@ def metrics_table(summary: dict) -> None:
 def quiet_libraries() -> None:
     """Library progress bars and advice lines would bury ours; errors still come through."""
     import os
+    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
