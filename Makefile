@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export LORAKIT_HOME ?= $(HOME)/.cache/lorakit
 MODEL := $(LORAKIT_HOME)/models/smollm2-135m/config.json
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test install model clean
 
@@ -12,7 +13,7 @@ demo: $(VENV)/.installed $(MODEL)
 	rm -rf runs/demo
 	$(VENV)/bin/lorakit train examples/support_tickets/config.yaml
 
-test: $(VENV)/.installed-dev $(MODEL)
+test: $(VENV)/.installed-dev $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest -q --durations=8
 
 install: $(VENV)/.installed
@@ -36,6 +37,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 # Dequantize the embedded GGUF once and cache an HF-format copy (about a minute).
 $(MODEL): $(VENV)/.installed
 	$(PY) -c "from lorakit.models import resolve_model; print(resolve_model('smollm2-135m'))"
+
+# The eval report test opens report.html in headless Chromium (Debian's package).
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 clean:
 	rm -rf $(VENV) runs
