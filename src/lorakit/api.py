@@ -8,11 +8,12 @@ from lorakit.train.loop import TrainResult
 from lorakit.train import loop
 
 
-def train(config: Config | str | Path, resume: bool = False) -> TrainResult:
+def train(config: Config | str | Path, resume: bool = False, force: bool = False) -> TrainResult:
     """Train the adapter described by `config` (a Config or a YAML path); evaluate it unless
-    eval.after_train is false. The result's `.eval` holds the evaluation summary (or None)."""
+    eval.after_train is false. The result's `.eval` holds the evaluation summary (or None).
+    `resume` continues from the newest valid checkpoint; `force` allows a changed setup."""
     cfg = config if isinstance(config, Config) else load_config(config)
-    result = loop.train(cfg, resume=resume)
+    result = loop.train(cfg, resume=resume, force=force)
     console.info(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f}s)")
     if cfg.eval.after_train and (cfg.eval.prompts or cfg.data.eval):  # split-off eval: loss only
         result.eval = evaluate(result.output_dir)

@@ -16,7 +16,7 @@ def _check(args) -> None:
 
 
 def _train(args) -> None:
-    lorakit.train(lorakit.load_config(args.config, args.overrides), resume=args.resume)
+    lorakit.train(lorakit.load_config(args.config, args.overrides), resume=args.resume, force=args.force)
 
 
 def _eval(args) -> None:
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=20")
         p.set_defaults(run=fn)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a changed config, data or model")
 
     p = verbs.add_parser("eval", help="base vs tuned on held-out prompts")
     p.add_argument("run_dir")

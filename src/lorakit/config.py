@@ -67,6 +67,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     eval_every: int = 200  # steps between eval-loss measurements
     log_every: int = 10  # steps between lines in metrics.jsonl
+    max_bad_steps: int = 3  # steps with a non-finite loss or gradient skipped before the run stops
 
 
 @dataclass
@@ -160,6 +161,7 @@ _RANGES = {
     "train.keep_checkpoints": _AT_LEAST_1,
     "train.eval_every": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1,
+    "train.max_bad_steps": _Range(0),
     "eval.max_new_tokens": _AT_LEAST_1,
     "eval.limit": _AT_LEAST_1,
     "eval.batch_size": _AT_LEAST_1,

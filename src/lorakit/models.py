@@ -136,7 +136,7 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
+        kwargs["device_map"] = {"": _device_map_target(device)}
     elif device.type == "cuda" and precision.name != "fp32":
         kwargs["dtype"] = precision.dtype  # base weights are frozen: 16-bit halves memory at no cost
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
@@ -146,6 +146,13 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _device_map_target(device: torch.device) -> int | str:
+    """Where transformers should put every 4-bit layer: a CUDA index (`cuda` alone means the current one)."""
+    if device.type != "cuda":
+        return str(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def attach_lora(model, cfg: Config, gradient_checkpointing: bool):

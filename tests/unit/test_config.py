@@ -58,6 +58,7 @@ def test_defaults_match_design(tmp_path):
             "keep_checkpoints": 2,
             "eval_every": 200,
             "log_every": 10,
+            "max_bad_steps": 3,
         },
         "eval": {"prompts": None, "max_new_tokens": 256, "after_train": True, "limit": None, "batch_size": 16},
     }

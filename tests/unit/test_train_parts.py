@@ -96,3 +96,20 @@ def test_checkpoint_roundtrip_manifest_and_rotation(tmp_path, lora_model):
     assert "checksum" in checkpoint.verify(kept[-1])
     assert set(json.loads((kept[0] / "manifest.json").read_text())) == {"adapter.safetensors", "trainer.pt",
                                                                          "state.json"}
+
+
+def test_chunked_cross_entropy_matches_plain_value_and_gradient():
+    from lorakit.train.loss import chunked_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)  # frozen, as under LoRA
+    hidden = torch.randn(37, 16, requires_grad=True)
+    target = torch.randint(0, 50, (37,))
+    plain = torch.nn.functional.cross_entropy(head(hidden), target, reduction="sum")
+    (2.5 * plain).backward()
+    expected = hidden.grad.clone()
+    hidden.grad = None
+    chunked = chunked_cross_entropy_sum(head, hidden, target, chunk=8)  # 5 chunks, the last one short
+    (2.5 * chunked).backward()  # the upstream gradient is applied in backward
+    assert torch.allclose(plain, chunked, rtol=1e-6)
+    assert torch.allclose(expected, hidden.grad, atol=1e-6)

@@ -17,6 +17,8 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from lorakit.train import faults
+
 MANIFEST = "manifest.json"
 
 
@@ -29,15 +31,19 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, k
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+    faults.at("save:files")
     files = sorted(p for p in tmp.iterdir())
     for p in files:
         _fsync(p)
     manifest = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp / MANIFEST)
+    faults.at("save:manifest")
     shutil.rmtree(final, ignore_errors=True)
+    faults.at("save:rename")
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
+    faults.at("save:rotate")
     for old in complete_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old)
     return final

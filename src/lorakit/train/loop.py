@@ -5,8 +5,13 @@ A step's loss is the sum of token losses over all its micro-batches divided by t
 the whole step, so gradient accumulation is exactly a bigger batch, whatever the sequence lengths.
 """
 
+import contextlib
+import errno
+import hashlib
 import json
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,9 +22,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from lorakit import console, data, models
-from lorakit.config import Config, dump_config
-from lorakit.errors import LorakitError
-from lorakit.train import checkpoint
+from lorakit.config import Config, config_to_dict, dump_config
+from lorakit.errors import LorakitError, RunFailed
+from lorakit.train import checkpoint, faults
 from lorakit.train.batches import Schedule, collate, trained_tokens
 from lorakit.train.loss import loss_sum
 
@@ -41,13 +46,13 @@ class TrainResult:
     model: object = field(default=None, repr=False)  # the trained PEFT model, for use from Python
 
 
-def train(cfg: Config, resume: bool = False) -> TrainResult:
+def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult:
+    """Train the adapter `cfg` describes. `resume` continues from the newest valid checkpoint and
+    refuses one made with another config, data, tokenizer or base model unless `force`."""
     started = time.time()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     _check_run_dir(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale(ckpt_root)
     set_seed(cfg.seed)
 
     precision = models.resolve_precision(cfg.train.precision, PartialState().device)
@@ -57,10 +62,11 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     tokenizer = models.load_tokenizer(model_path, cfg.trust_remote_code)
     template = Path(cfg.data.template).read_text() if cfg.data.template else None
     train_data, eval_data, report = data.prepare_run(cfg, tokenizer)
+    fingerprint = run_fingerprint(cfg, report, model_path)
+    resume_from = _resume_point(ckpt_root, fingerprint, force) if resume else None
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale(ckpt_root)
     console.data_summary(report)
-    if cfg.data.packing:
-        console.warn("data.packing is not implemented yet: batches are padded instead (set data.packing: false "
-                     "to silence this)")
     (out / "data_report.json").write_text(json.dumps(report, indent=1) + "\n")
     dump_config(cfg, out / "config.yaml")
 
@@ -69,34 +75,30 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     model = models.attach_lora(base, cfg, checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    schedule = Schedule(len(train_data.examples), _batch_size(cfg), cfg.train.grad_accum, cfg.seed)
+    schedule = Schedule(len(train_data.rows), _batch_size(cfg), cfg.train.grad_accum, cfg.seed)
     total = schedule.total_steps(cfg.train.epochs, cfg.train.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = 0
-    if resume:
-        step = _resume(ckpt_root, model, optimizer, scheduler, out)
+    if resume_from is not None:
+        step = checkpoint.load(resume_from, model, optimizer, scheduler)["step"]
+        _truncate_metrics(out / "metrics.jsonl", step)
+        console.info(f"resumed from {resume_from} (step {step})")
     console.run_header(cfg, method, precision.name, checkpointing, total, schedule, model)
-    metrics = open(out / "metrics.jsonl", "a")
-    stop = _StopFlag()
-    last_loss = math.nan
-    with console.progress(total, step, cfg.train.log_every) as bar:
+    last_loss, bad_steps = math.nan, []
+    with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as metrics, \
+            console.progress(total, step, cfg.train.log_every) as bar:
         while step < total:
             t0 = time.time()
-            micro = [collate([train_data.examples[i] for i in idx], tokenizer.pad_token_id)
+            micro = [collate([train_data.rows[i] for i in idx], tokenizer.pad_token_id)
                      for idx in schedule.step_indices(step)]
             n_trained = sum(trained_tokens(b["labels"]) for b in micro)
-            step_loss = 0.0
-            model.train()
-            for batch in micro:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    loss = loss_sum(model, batch) / n_trained
-                accelerator.backward(loss)
-                step_loss += loss.item()
+            step_loss = _accumulate(accelerator, model, micro, n_trained, step + 1)
             grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
-            optimizer.step()
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -106,27 +108,38 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
             record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "trained_tokens": n_trained, "tok_s": tokens / (time.time() - t0),
                       "mem_gib": console.memory_gib(accelerator.device)}
+            if not finite:
+                bad_steps.append(step)
+                record["skipped"] = "non-finite loss or gradient norm: update not applied"
+                console.warn(f"step {step}: loss {step_loss} / grad norm {grad_norm} is not finite; step skipped "
+                             f"({len(bad_steps)} of at most {cfg.train.max_bad_steps})")
             if step % cfg.train.eval_every == 0 or (step == total and eval_data is not None):
                 if eval_data is not None:
                     record["eval_loss"] = evaluate_loss(accelerator, model, eval_data.examples,
                                                         tokenizer.pad_token_id, _batch_size(cfg))
-            if step % cfg.train.log_every == 0 or step == total or "eval_loss" in record:
-                metrics.write(json.dumps(record) + "\n")
+            if step % cfg.train.log_every == 0 or step == total or "eval_loss" in record or not finite:
+                metrics.write(json.dumps(record) + "\n")  # non-finite values are logged, never filtered
                 metrics.flush()
             bar.update(record)
+            if len(bad_steps) > cfg.train.max_bad_steps:
+                raise RunFailed(f"non-finite loss or gradient at steps {bad_steps}: stopping (train.max_bad_steps="
+                                f"{cfg.train.max_bad_steps}). Lower train.lr, keep train.max_grad_norm set, or use "
+                                f"precision=bf16/fp32 instead of fp16; resume from the last checkpoint with --resume.")
             if step % cfg.train.save_every == 0 or stop.requested:
-                checkpoint.save(ckpt_root, step, model, optimizer, scheduler, _state(cfg, report),
-                                cfg.train.keep_checkpoints)
+                with _disk_errors(ckpt_root):
+                    checkpoint.save(ckpt_root, step, model, optimizer, scheduler, fingerprint,
+                                    cfg.train.keep_checkpoints)
             if stop.requested:
-                metrics.close()
                 raise Interrupted(f"stopped at step {step}; checkpoint saved in {ckpt_root}/step-{step}. "
                                   f"Continue with: lorakit train {out}/config.yaml --resume")
-    metrics.close()
-    stop.restore()
 
     adapter_dir = out / "adapter"
     model = accelerator.unwrap_model(model)
-    save_adapter(model, tokenizer, template, adapter_dir)
+    if not all(torch.isfinite(p).all() for p in trainable):
+        raise RunFailed(f"the adapter holds non-finite weights after step {step}; it was not saved. Resume from an "
+                        f"earlier checkpoint with a lower train.lr.")
+    with _disk_errors(adapter_dir):
+        save_adapter(model, tokenizer, template, adapter_dir)
     return TrainResult(out, adapter_dir, step, last_loss, time.time() - started, model=model)
 
 
@@ -145,35 +158,123 @@ def evaluate_loss(accelerator, model, examples, pad_id: int, batch_size: int) ->
 
 
 def save_adapter(model, tokenizer, template: str | None, adapter_dir: Path) -> None:
-    """PEFT adapter + tokenizer + chat template, written to a temp folder and renamed into place."""
+    """PEFT adapter + tokenizer + chat template + a generation config that stops on the end-of-turn
+    token(s), written to a temp folder and renamed into place."""
+    from transformers import GenerationConfig
+
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(tmp)
-    if adapter_dir.exists():
-        import shutil
-        shutil.rmtree(adapter_dir)
-    tmp.rename(adapter_dir)
+    stop = data.eot_token_ids(tokenizer, template)
+    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(tmp)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(tmp, adapter_dir)
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:
-    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+    if not resume and checkpoint.complete_checkpoints(out / "checkpoints"):
         raise LorakitError(f"output_dir {out} already holds checkpoints of an earlier run. Continue it with "
                            f"--resume, or choose another output_dir=... (or delete {out}).")
 
 
-def _resume(ckpt_root: Path, model, optimizer, scheduler, out: Path) -> int:
+def _resume_point(ckpt_root: Path, fingerprint: dict, force: bool) -> Path:
+    """The newest checkpoint whose files match their manifest, made by this same run setup."""
     for ckpt in reversed(checkpoint.complete_checkpoints(ckpt_root)):
         problem = checkpoint.verify(ckpt)
         if problem:
             console.warn(f"skipping checkpoint {ckpt}: {problem}")
             continue
-        state = checkpoint.load(ckpt, model, optimizer, scheduler)
-        _truncate_metrics(out / "metrics.jsonl", state["step"])
-        console.info(f"resumed from {ckpt} (step {state['step']})")
-        return state["step"]
+        saved = json.loads((ckpt / "state.json").read_text())
+        changed = _changes(saved, fingerprint)
+        if changed and not force:
+            raise LorakitError(f"--resume: {ckpt} was made with a different setup: {'; '.join(changed)}. Undo the "
+                               f"change, or pass --force to resume anyway (the result will not match an "
+                               f"uninterrupted run).")
+        if changed:
+            console.warn(f"resuming despite changes (--force): {'; '.join(changed)}")
+        return ckpt
     raise LorakitError(f"--resume: no complete checkpoint in {ckpt_root}. Start without --resume.")
+
+
+# Keys a resumed run may change without changing what it computes.
+_RESUME_FREE = ("output_dir", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
+                "train.max_bad_steps", "eval.")
+
+
+def run_fingerprint(cfg: Config, report: dict, model_path: str) -> dict:
+    """What must not change between a checkpoint and the run resuming from it."""
+    flat = _flatten(config_to_dict(cfg))
+    return {"config": {k: v for k, v in flat.items() if not k.startswith(_RESUME_FREE)},
+            "data": report["fingerprint"], "tokenizer": _tokenizer_fingerprint(model_path),
+            "base_model": _model_fingerprint(model_path)}
+
+
+def _changes(saved: dict, now: dict) -> list[str]:
+    changed = [f"{k}: {saved['config'].get(k)!r} → {v!r}" for k, v in now["config"].items()
+               if saved.get("config", {}).get(k) != v]
+    changed += [f"{what} changed" for what in ("data", "tokenizer", "base_model") if saved.get(what) != now[what]]
+    return changed
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "columns" else {prefix + k: v})
+    return out
+
+
+def _tokenizer_fingerprint(model_path: str) -> str:
+    files = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model"]
+    return _hash_files(Path(model_path), files, content=True)
+
+
+def _model_fingerprint(model_path: str) -> str:
+    """config.json content and the name and size of every weight file (hashing GBs would be slow)."""
+    path = Path(model_path)
+    weights = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+    return _hash_files(path, ["config.json"], content=True) + ":" + _hash_files(path, weights, content=False)
+
+
+def _hash_files(root: Path, names: list[str], content: bool) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        p = root / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes() if content else str(p.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def _accumulate(accelerator, model, micro: list[dict], n_trained: int, step: int) -> float:
+    """Forward and backward every micro-batch of one optimizer step; returns the step's loss."""
+    step_loss = 0.0
+    model.train()
+    for k, batch in enumerate(micro):
+        faults.at(f"step-{step}:micro-{k}")
+        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+        with accelerator.autocast():
+            loss = loss_sum(model, batch) / n_trained
+            if faults.poisons(step):
+                loss = loss * math.nan
+        accelerator.backward(loss)
+        step_loss += loss.item()
+    return step_loss
+
+
+@contextlib.contextmanager
+def _disk_errors(target: Path):
+    """Disk full or over the file-size limit: one message; the previous checkpoint stays intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise RunFailed(f"could not write {target}: {e.strerror}. Free disk space (older runs, checkpoints), then "
+                        f"continue with --resume from the last complete checkpoint.") from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -181,10 +282,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in lines))
-
-
-def _state(cfg: Config, report: dict) -> dict:
-    return {"data_fingerprint": report.get("fingerprint"), "model": cfg.model, "method": cfg.method}
 
 
 def _lr_lambda(cfg: Config, total: int):
@@ -229,6 +326,8 @@ class _StopFlag:
     def __init__(self):
         self.requested = False
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Over RLIMIT_FSIZE a write should fail with EFBIG (reported, checkpoint kept), not kill us.
+        self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C stops at once
@@ -236,6 +335,9 @@ class _StopFlag:
         self.requested = True
         console.warn("stop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
-    def restore(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
