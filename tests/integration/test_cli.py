@@ -66,7 +66,8 @@ def test_kill_9_then_resume_finishes_with_the_uninterrupted_adapter(overfit_conf
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(overfit_config, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(overfit_config, tmp_path, tiny_model_dir, sig):
     out = tmp_path / "run"
     proc = subprocess.Popen([*LORAKIT, "train", str(overfit_config), f"output_dir={out}", f"model={tiny_model_dir}",
                              "train.max_steps=100000", "train.save_every=100000"],
@@ -75,7 +76,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(overfit_config, tmp_path, tiny_
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     saved = [p.name for p in (out / "checkpoints").iterdir()]
