@@ -47,3 +47,33 @@ def init(directory: str | Path = ".") -> Path:
     path = write_starter(Path(directory))
     console.info(f"wrote {path} and its data. Train it with: lorakit train {path}")
     return path
+
+
+def merge(run_dir: str | Path, out: str | Path, dtype: str = "bf16"):
+    """Fold RUN_DIR's adapter into the weights it was trained against (dequantized NF4 for qlora) and
+    save a standalone model in `out` (bf16 or fp32); fails unless it matches base + adapter."""
+    from lorakit.export.merge import merge as merge_run
+
+    return merge_run(run_dir, out, dtype)
+
+
+def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f16"):
+    """Write RUN_DIR's merged model as a GGUF file (f16, bf16 or q8_0) plus an Ollama Modelfile, and
+    check it loaded back against the merged model."""
+    from lorakit.export.gguf import export_gguf as write
+
+    return write(run_dir, out, quant)
+
+
+def chat(target: str | Path, max_new_tokens: int = 512) -> None:
+    """Chat in the terminal with a run (base + adapter) or a model; one answer when stdin is a pipe."""
+    from lorakit.chat import chat as run_chat
+
+    run_chat(target, max_new_tokens)
+
+
+def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve a run or a model behind an OpenAI-compatible /v1/chat/completions until Ctrl-C."""
+    from lorakit.serve import serve as run_server
+
+    run_server(target, host, port)

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 import lorakit
-from lorakit import console
+from lorakit import api, console
 
 
 def _init(args) -> None:
@@ -21,6 +21,25 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     lorakit.evaluate(args.run_dir, prompts=args.prompts, limit=args.limit)
+
+
+def _merge(args) -> None:
+    api.merge(args.run_dir, args.out, args.dtype)
+
+
+def _export(args) -> None:
+    if not args.gguf:
+        raise lorakit.LorakitError("export: name the format, --gguf (the only one so far); "
+                                   "for a Hugging Face model use: lorakit merge RUN_DIR --out DIR")
+    api.export_gguf(args.run_dir, args.out, args.quant)
+
+
+def _chat(args) -> None:
+    api.chat(args.target, args.max_new_tokens)
+
+
+def _serve(args) -> None:
+    api.serve(args.target, args.host, args.port)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +65,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="file of held-out conversations (default: data.eval of the run)")
     p.add_argument("--limit", type=int, help="evaluate at most N prompts")
     p.set_defaults(run=_eval)
+
+    p = verbs.add_parser("merge", help="fold the adapter into its base; save a standalone model")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default) or fp32")
+    p.set_defaults(run=_merge)
+
+    p = verbs.add_parser("export", help="write a GGUF file for llama.cpp and Ollama, with a Modelfile")
+    p.add_argument("run_dir")
+    p.add_argument("--gguf", action="store_true", help="GGUF format (llama.cpp, Ollama)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--quant", default="f16", help="f16 (default), bf16 or q8_0")
+    p.set_defaults(run=_export)
+
+    p = verbs.add_parser("chat", help="chat in the terminal (one answer when stdin is a pipe)")
+    p.add_argument("target", metavar="RUN_DIR|MODEL", help="a run directory, a merged model or a model name")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.set_defaults(run=_chat)
+
+    p = verbs.add_parser("serve", help="OpenAI-compatible endpoint: /v1/chat/completions, /v1/models")
+    p.add_argument("target", metavar="RUN_DIR|MODEL", help="a run directory, a merged model or a model name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=_serve)
     return parser
 
 

@@ -80,13 +80,23 @@ def progress(total: int, start: int, log_every: int = 1):
 
 
 def metrics_table(summary: dict) -> None:
-    """Base vs tuned, one row per metric."""
-    table = Table(title="held-out evaluation: base vs tuned")
-    for col in ("metric", "base", "tuned", "tuned − base"):
+    """Base vs tuned, one row per metric: tuned − base with its paired-bootstrap 95% interval (green or
+    red when the interval excludes zero) and on how many prompts tuned scored better / the same / worse."""
+    from rich.text import Text
+
+    from lorakit.eval.report import fmt
+    from lorakit.eval.stats import verdict
+
+    table = Table(title=f"held-out evaluation: base vs tuned ({summary['n']} prompts)")
+    for col in ("metric", "base", "tuned", "tuned − base", "95% interval", "wins / ties / losses"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for name in summary["tuned"]:
-        b, t = summary["base"][name], summary["tuned"][name]
-        table.add_row(name, f"{b:.3f}", f"{t:.3f}", f"{t - b:+.3f}")
+    for name, meta in summary["metrics"].items():
+        d = summary["delta"][name]
+        style = {"better": "green", "worse": "red"}.get(verdict(d, meta["better"]), "")
+        counts = "–" if d["wins"] is None else f"{d['wins']} / {d['ties']} / {d['losses']}"
+        interval = f"[{fmt(name, d['ci95'][0], True)}, {fmt(name, d['ci95'][1], True)}]"
+        table.add_row(name, fmt(name, summary["base"][name]), fmt(name, summary["tuned"][name]),
+                      Text(fmt(name, d["mean"], True), style=style), Text(interval, style=style), counts)
     Console().print(table)
 
 

@@ -312,7 +312,8 @@ def test_too_long_drop(smol_tokenizer, tmp_path):
     f = _write(tmp_path / "train.jsonl", [SHORT, LONG_PROMPT, SHORT, LONG_REPLY])
     prepared = prepare(str(f), smol_tokenizer, max_length=100, too_long="drop")
     assert prepared.sources == [f"{f}:1", f"{f}:3"]
-    assert prepared.report["dropped"] == {"count": 2, "sources": [f"{f}:2", f"{f}:4"]}
+    assert prepared.report["dropped"] == {"count": 2, "sources": [f"{f}:2", f"{f}:4"],
+                                          "reasons": {"longer than max_length": 2}}
     assert prepared.report["truncated"]["count"] == 0
     assert prepared.report["examples_read"] == 4 and prepared.report["examples_kept"] == 2
 
@@ -320,7 +321,8 @@ def test_too_long_drop(smol_tokenizer, tmp_path):
 def test_too_long_truncate_drops_what_is_left_untrained(smol_tokenizer, tmp_path):
     f = _write(tmp_path / "train.jsonl", [SHORT, LONG_PROMPT, LONG_REPLY])
     prepared = prepare(str(f), smol_tokenizer, max_length=100, too_long="truncate")
-    assert prepared.report["dropped"] == {"count": 1, "sources": [f"{f}:2"]}  # the cut left no reply
+    assert prepared.report["dropped"] == {"count": 1, "sources": [f"{f}:2"],  # the cut left no reply
+                                          "reasons": {"truncation would cut an answer off entirely": 1}}
     assert prepared.report["truncated"] == {"count": 1, "sources": [f"{f}:3"]}
     assert prepared.sources == [f"{f}:1", f"{f}:3"]
     cut = prepared.examples[1]

@@ -1,35 +1,21 @@
-"""Read training files into `Example`s, naming file:line for every problem."""
+"""Find the data files and stream their rows as checked `Example`s, naming file:line for every problem."""
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.data.errors import DataError, Problems
+from lorakit.data.formats import ROLES, Example, check_columns, detect, normalize, rename
+from lorakit.data.readers import SUFFIXES, is_dataset_dir, read_rows
 
-ROLES = ("system", "user", "assistant", "tool")
-_SHAPE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
-
-
-class DataError(LorakitError):
-    """A data file or example is unusable; the message names where and how to fix it."""
-
-
-@dataclass
-class Example:
-    """One conversation. `source` is `file:line` as the user wrote the file name."""
-
-    source: str
-    messages: list[dict]
-    meta: dict = field(default_factory=dict)
+__all__ = ["DataError", "Example", "ROLES", "read_examples", "read_messages", "resolve_files"]
 
 
 def resolve_files(spec: str | os.PathLike | list) -> list[Path]:
-    """Expand a file, a glob, or a list of them into existing files (globs sorted, no duplicates)."""
+    """Expand a file, a save_to_disk directory, a glob, or a list of them (globs sorted, no duplicates)."""
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not items:
         raise DataError("no data files given: set data.train to a file, a glob or a list of them")
@@ -37,19 +23,85 @@ def resolve_files(spec: str | os.PathLike | list) -> list[Path]:
     for item in items:
         pattern = os.path.expanduser(str(item))
         if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            found = glob.glob(pattern, recursive=True)
+            matches = sorted(p for p in found if os.path.isfile(p) or is_dataset_dir(Path(p)))
             if not matches:
                 raise DataError(f"{item}: the glob matches no files; check the path and pattern")
             paths = [Path(m) for m in matches]
         else:
             path = Path(pattern)
-            if path.is_dir():
-                raise DataError(f"{item}: is a directory; give a file or a glob like {item}/*.jsonl")
-            if not path.is_file():
+            if path.is_dir() and not is_dataset_dir(path):
+                raise DataError(f"{item}: is a directory but not one written by datasets' save_to_disk; give a "
+                                f"file or a glob like {item}/*.jsonl ({', '.join(SUFFIXES)})")
+            if not path.exists():
                 raise DataError(f"{item}: file not found")
             paths = [path]
         files += [p for p in paths if p not in files]
     return files
+
+
+def read_examples(
+    files: str | os.PathLike | list,
+    *,
+    format: str = "auto",
+    columns: dict | None = None,
+    problems: Problems | None = None,
+    file_reports: list | None = None,
+) -> Iterator[Example]:
+    """Stream the examples of `files`, each row renamed by `columns` and normalized to `format`
+    (`auto`: detected from the first good row of each file).
+
+    Without `problems`, the first bad row raises `DataError`; with it, each bad row or unreadable
+    file is added there and reading goes on. `file_reports` receives one dict per file: rows read,
+    the format and the columns mapping used.
+    """
+    columns = dict(columns or {})
+    check_columns(columns)
+    for path in resolve_files(files):
+        info = {"file": str(path), "rows": 0, "format": None if format == "auto" else format, "columns": columns}
+        if file_reports is not None:
+            file_reports.append(info)
+        try:
+            yield from _file_examples(path, columns, problems, info)
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.add(e)
+
+
+def _file_examples(path: Path, columns: dict, problems: Problems | None, info: dict) -> Iterator[Example]:
+    first = True
+    for where, row in read_rows(path):
+        info["rows"] += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            row = _first_row(row, columns, where, info) if first else rename(row, columns, where)
+            first = False
+            example = normalize(row, info["format"], where)
+        except _FileError:
+            raise
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.add(e)
+            continue
+        yield example
+
+
+class _FileError(DataError):
+    """A problem that makes the rest of the file unreadable: reported once, then the next file."""
+
+
+def _first_row(row: dict, columns: dict, where: str, info: dict) -> dict:
+    """The first good row decides the file's format and checks its columns; when that fails, every
+    row after it would fail the same way, so the whole file is reported once."""
+    try:
+        row = rename(row, columns, where)
+        info["format"] = info["format"] or detect(row, where)
+    except DataError as e:
+        raise _FileError(str(e)) from e
+    return row
 
 
 def read_messages(path: str | os.PathLike) -> Iterator[Example]:
@@ -58,74 +110,4 @@ def read_messages(path: str | os.PathLike) -> Iterator[Example]:
     Blank lines are skipped; keys other than `messages` go to `Example.meta`. Raises `DataError`
     at the first bad line, naming `file:line`.
     """
-    path = Path(path)
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from e
-    seen = False
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line = _decode(raw, where, first=lineno == 1)
-            if not line.strip():
-                continue
-            seen = True
-            yield Example(where, *_parse(line, where))
-    if not seen:
-        raise DataError(f"{path}: the file is empty; it needs one JSON object a line like {_SHAPE}")
-
-
-def _decode(raw: bytes, where: str, *, first: bool) -> str:
-    try:
-        # utf-8-sig on the first line: editors on Windows write a byte-order mark.
-        return raw.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from e
-
-
-def _parse(line: str, where: str) -> tuple[list[dict], dict]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{where}: invalid JSON: {e.msg} at column {e.colno}; "
-            f"each line must be one complete JSON object like {_SHAPE}"
-        ) from e
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_kind(obj)}; each line must look like {_SHAPE}")
-    if "messages" not in obj:
-        keys = ", ".join(sorted(obj)) or "none"
-        raise DataError(f'{where}: no "messages" key (keys found: {keys}); each line must look like {_SHAPE}')
-    messages = obj.pop("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: "messages" must be a non-empty list of messages, got {_kind(messages)}')
-    for i, message in enumerate(messages):
-        _check_message(message, f"{where}: messages[{i}]")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(
-            f"{where}: no assistant message, so there is nothing to train on; "
-            "add the assistant's reply or remove the line"
-        )
-    return messages, obj
-
-
-def _check_message(message: object, where: str) -> None:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise DataError(f'{where}: must be an object {{"role": ..., "content": "..."}}, got {_short(message)}')
-    if message["role"] not in ROLES:
-        raise DataError(f"{where}: unknown role {message['role']!r}; allowed roles: {', '.join(ROLES)}")
-    if not isinstance(message["content"], str):
-        raise DataError(f'{where}: "content" must be a string, got {_kind(message["content"])}')
-
-
-def _kind(value: object) -> str:
-    if value == []:
-        return "an empty list"
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
-
-
-def _short(value: object, limit: int = 80) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return read_examples(path, format="messages")

@@ -1,4 +1,5 @@
-"""Render a conversation with a chat template and mask the loss to exactly the assistant turns.
+"""Render a conversation with a chat template and mask the loss to exactly the assistant turns
+(plain prompt/completion and text without a template: `render_plain`).
 
 Works for any Jinja chat template, with or without `{% generation %}` markers, by rendering prefixes:
 for the assistant message i, P = messages[:i] rendered with the generation prompt and
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import jinja2
 
-from lorakit.data.load import DataError
+from lorakit.data.errors import DataError
+from lorakit.data.formats import Example
 
 IGNORE = -100
 _PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
@@ -30,10 +32,15 @@ class RenderError(DataError):
 
 @dataclass
 class Rendered:
-    """Token ids of one example; `labels` is the id where the loss is taken and -100 elsewhere."""
+    """Token ids of one example; `labels` is the id where the loss is taken and -100 elsewhere.
+
+    `turn_starts` holds the index of the first trained token of each trained answer (empty when the
+    whole text is trained), so that truncation can tell when it would cut an answer off entirely.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    turn_starts: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -53,31 +60,90 @@ def render(
     loss_on: Literal["assistant", "all"] = "assistant",
     template: str | None = None,
     source: str = "example",
+    train_from: int = 0,
 ) -> Rendered:
     """Tokenize `messages` with the chat template (`template` overrides the tokenizer's).
 
-    `loss_on="assistant"` trains each assistant content and its end-of-turn marker;
-    `loss_on="all"` trains every token except a BOS that lorakit prepends. `source` (e.g.
-    `train.jsonl:17`) names the example in errors.
+    `loss_on="assistant"` trains each assistant content from `messages[train_from]` on, and its
+    end-of-turn marker; `loss_on="all"` trains every token except a BOS that lorakit prepends.
+    `source` (e.g. `train.jsonl:17`) names the example in errors.
     """
     if loss_on == "assistant":
-        text, turns = _trace(tokenizer, messages, template, source)
+        text, turns = _trace(tokenizer, messages, template, source, train_from)
     elif loss_on == "all":
         text, turns = _chat(tokenizer, messages, template, source, "the conversation"), None
     else:
         raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    starts = []
     if turns is None:
         labels = list(ids)
     else:
         labels, groups = _mask(ids, offsets, text, turns, source)
         _verify(tokenizer, ids, text, turns, groups, source)
+        starts = [group[0] for group in groups]
     # The template decides BOS. Only when it emits none and the tokenizer would add one on its own
     # (as the model saw in pretraining) do we add it, untrained; never a second one.
     if _adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
-        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE, *labels]
-    return Rendered(ids, labels)
+        ids, labels, starts = [tokenizer.bos_token_id, *ids], [IGNORE, *labels], [k + 1 for k in starts]
+    return Rendered(ids, labels, starts)
+
+
+def render_example(
+    tokenizer,
+    example: Example,
+    *,
+    loss_on: Literal["assistant", "completion", "all"] = "assistant",
+    template: str | None = None,
+) -> Rendered:
+    """Render any normalized example.
+
+    Conversations go through the chat template. Plain prompt/completion goes through it too, as one
+    user and one assistant turn, when there is a template (the tokenizer's or `template`), so training
+    matches how the model is prompted; without one it is plain text, prompt + completion + eos.
+    Plain text trains every token whatever `loss_on` says. `loss_on="completion"` trains only the
+    completion of prompt/completion data (for conversations it is the same as "assistant").
+    """
+    if example.text is not None:
+        return render_plain(tokenizer, "", example.text, loss_on="all", source=example.source)
+    has_template = template is not None or tokenizer.chat_template is not None
+    if example.prompt is not None and not has_template:
+        return render_plain(tokenizer, example.prompt, example.completion, loss_on=loss_on, source=example.source)
+    messages = example.conversation()
+    train_from = example.train_from if loss_on == "completion" else 0
+    mode = "all" if loss_on == "all" else "assistant"
+    return render(tokenizer, messages, loss_on=mode, template=template, source=example.source, train_from=train_from)
+
+
+def render_plain(tokenizer, prompt: str, completion: str, *, loss_on: str = "completion",
+                 source: str = "example") -> Rendered:
+    """prompt + completion + eos, tokenized as one text (as a base model reads it); the completion and
+    the eos are trained (everything with `loss_on="all"`). A token that spans the prompt/completion
+    boundary cannot be split between untrained and trained, so it raises `RenderError`."""
+    text = prompt + completion
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = list(enc["input_ids"]), list(enc["input_ids"])
+    for k, (s, e) in enumerate(enc["offset_mapping"]):
+        if loss_on != "all" and s < len(prompt):
+            if e > len(prompt):
+                raise RenderError(
+                    f"{source}: the token {text[s:e]!r} is partly prompt and partly completion, so the loss "
+                    "mask cannot be exact; tokenizers attach a space to the word after it, so end the prompt "
+                    "without a trailing space and start the completion with it"
+                )
+            labels[k] = IGNORE
+    if tokenizer.eos_token_id is not None:  # so that the model learns to stop
+        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    starts = [] if loss_on == "all" else [next(k for k, lab in enumerate(labels) if lab != IGNORE)]
+    if starts:
+        got = tokenizer.decode(ids[starts[0]:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if got != completion + (tokenizer.eos_token or ""):
+            raise RenderError(f"{source}: the trained tokens decode to {_clip(got)!r}, not to the completion "
+                              f"{_clip(completion)!r} + eos; the tokenizer's offsets disagree with its text")
+    if _adds_bos(tokenizer):
+        ids, labels, starts = [tokenizer.bos_token_id, *ids], [IGNORE, *labels], [k + 1 for k in starts]
+    return Rendered(ids, labels, starts)
 
 
 def eot_token_ids(tokenizer, template: str | None = None) -> list[int]:
@@ -89,13 +155,14 @@ def eot_token_ids(tokenizer, template: str | None = None) -> list[int]:
     return ids
 
 
-def _trace(tokenizer, messages: list[dict], template: str | None, source: str) -> tuple[str, list[_Turn]]:
-    """The full rendering and, for each assistant message, the character range to train."""
+def _trace(tokenizer, messages: list[dict], template: str | None, source: str,
+           train_from: int = 0) -> tuple[str, list[_Turn]]:
+    """The full rendering and, for each assistant message from `train_from` on, the range to train."""
     full = _chat(tokenizer, messages, template, source, "the conversation")
     specials = _specials(tokenizer)
     turns = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < train_from:
             continue
         where = f"{source}: assistant turn messages[{i}]"
         before = _chat(tokenizer, messages[:i], template, source, f"messages[:{i}] + generation prompt", True)
@@ -106,7 +173,8 @@ def _trace(tokenizer, messages: list[dict], template: str | None, source: str) -
                 "text than it sees when generating; use a template whose generation prompt matches "
                 "(data.template: path to a .jinja file)"
             )
-        through = _chat(tokenizer, messages[: i + 1], template, source, f"messages[:{i + 1}]")
+        last = i == len(messages) - 1  # then messages[:i + 1] is the whole conversation: no second rendering
+        through = full if last else _chat(tokenizer, messages[: i + 1], template, source, f"messages[:{i + 1}]")
         hi = _shared_length(through, full, specials)
         if hi is None:
             raise RenderError(
@@ -244,6 +312,7 @@ def _chat(tokenizer, messages, template, source: str, what: str, generation_prom
         raise RenderError(f"{source}: the chat template failed rendering {what}: {e}") from e
 
 
+@functools.lru_cache(maxsize=8)
 def _specials(tokenizer) -> tuple[str, ...]:
     """The special token strings (and eos), longest first so that a match prefers the longest."""
     tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
@@ -257,6 +326,7 @@ def _pattern(specials: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(map(re.escape, specials)))
 
 
+@functools.lru_cache(maxsize=8)  # asked once per tokenizer, not once per example
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

@@ -1,51 +1,106 @@
-"""`lorakit eval`: base vs tuned on held-out prompts, from a run directory."""
+"""`lorakit eval`: base vs tuned on held-out prompts, from a run directory.
+
+The base model is loaded once with the run's adapter. For every held-out example we generate with the
+adapter off (base) and on (tuned), score both outputs against the reference, take both models'
+teacher-forced loss on the reference, and compare the arms prompt by prompt (`lorakit.eval.stats`).
+RUN_DIR/eval/ gets summary.json, results.jsonl, report.md and report.html.
+"""
+
+from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit import console, models
 from lorakit.config import load_config
-from lorakit.data.load import read_messages
-from lorakit.data.render import eot_token_ids
+from lorakit.data.formats import Example
+from lorakit.data.load import read_examples
+from lorakit.data.render import eot_token_ids, render_example
 from lorakit.errors import LorakitError
-from lorakit.eval.generate import generate
+from lorakit.eval import report
+from lorakit.eval.generate import Sampling, generate
+from lorakit.eval.loss import reference_losses
 from lorakit.eval.metrics import pick_metrics
+from lorakit.eval.score import ARMS, score_row, summarize
 
 
-def evaluate(run_dir: str | Path, prompts: str | None = None, limit: int | None = None) -> dict:
-    """Generate with the adapter off and on for each held-out prompt; write RUN_DIR/eval/. Returns the
-    summary: {"base": {metric: mean}, "tuned": {...}, "n": prompts, "seconds": wall time}."""
+@dataclass
+class Case:
+    """One held-out example: the messages before its last assistant turn, and that turn's content."""
+
+    example: Example
+    prompt: list[dict]
+    reference: str
+
+
+def evaluate(run_dir: str | Path, prompts: str | None = None, limit: int | None = None, *,
+             metrics: list[str] | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> dict:
+    """Generate with the adapter off and on for each held-out prompt; score, compare, write RUN_DIR/eval/.
+
+    `prompts` (a file the data pipeline reads) defaults to eval.prompts, then data.eval; `metrics`,
+    `max_new_tokens` and `batch_size` default to the run's choice and eval config. Decoding is greedy
+    unless `temperature` > 0 (then seeded by `seed`, default the run's seed). Returns the summary:
+    {"base": {metric: value}, "tuned": {...}, "delta": {metric: {"mean", "ci95", "wins", "ties",
+    "losses"}}, "per_field", "metrics", "n", "seconds", "generation", "bootstrap", "run"}.
+    """
     started = time.time()
     run = Path(run_dir)
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise LorakitError(f"{run}: no trained adapter in {run / 'adapter'}. Train first: "
-                           f"lorakit train CONFIG output_dir={run}")
-    cfg = load_config(run / "config.yaml", require_train=False)
+    cfg = _run_config(run)
     source = prompts or cfg.eval.prompts or cfg.data.eval
     if source is None:
         raise LorakitError(f"{run}: nothing to evaluate on: set data.eval or eval.prompts, or pass --prompts FILE.")
-    cases = _cases(Path(source), limit or cfg.eval.limit)
+    seed = cfg.seed if seed is None else seed
+    sampling = _sampling(temperature, top_p, seed)
+    cases = _cases(source, cfg, limit or cfg.eval.limit)
+    names = pick_metrics([c.reference for c in cases], metrics)
     model, tokenizer, template = _load_tuned(cfg, run)
-    stop_ids = eot_token_ids(tokenizer, template)
-    kwargs = dict(stop_ids=stop_ids, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                  template=template)
-    prompt_msgs = [c["prompt"] for c in cases]
-    outputs = {"base": generate(model, tokenizer, prompt_msgs, adapter=False, **kwargs),
-               "tuned": generate(model, tokenizer, prompt_msgs, adapter=True, **kwargs)}
-    metrics = pick_metrics([c["reference"] for c in cases])
-    rows, summary = _score(cases, outputs, metrics)
-    summary["n"], summary["seconds"] = len(cases), round(time.time() - started, 1)
-    _write(run / "eval", rows, summary)
+    settings = dict(stop_ids=eot_token_ids(tokenizer, template), template=template, sampling=sampling,
+                    max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
+                    batch_size=batch_size or cfg.eval.batch_size)
+    outputs = {arm: generate(model, tokenizer, [c.prompt for c in cases], adapter=arm == "tuned", **settings)
+               for arm in ARMS}
+    losses = _losses(model, tokenizer, cfg, template, cases) if {"loss", "perplexity"} & set(names) else None
+    rows = [score_row(c.example.source, c.prompt, c.reference, {arm: outputs[arm][i] for arm in ARMS},
+                      None if losses is None else {arm: losses[arm][i] for arm in ARMS}, names)
+            for i, c in enumerate(cases)]
+    summary = summarize(rows, names, seed)
+    summary |= {"n": len(cases), "seconds": round(time.time() - started, 1),
+                "generation": {"prompts": str(source), "max_new_tokens": settings["max_new_tokens"],
+                               "batch_size": settings["batch_size"], "temperature": temperature, "top_p": top_p,
+                               "seed": seed if temperature > 0 else None},
+                "run": report.run_block(run, cfg) | {"eval_peak_mem_gib": round(console.memory_gib(
+                    next(model.parameters()).device), 2)}}
+    _write(run, rows, summary)
     return summary
 
 
-def _cases(path: Path, limit: int | None) -> list[dict]:
+def _run_config(run: Path):
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise LorakitError(f"{run}: no trained adapter in {run / 'adapter'}. Train first: "
+                           f"lorakit train CONFIG output_dir={run}")
+    return load_config(run / "config.yaml", require_train=False)
+
+
+def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise LorakitError(f"eval sampling: temperature must be ≥ 0 (0 = greedy) and top_p in (0, 1]; got "
+                           f"temperature={temperature}, top_p={top_p}")
+    return Sampling(temperature, top_p, seed)
+
+
+def _cases(source: str | Path, cfg, limit: int | None) -> list[Case]:
     """Each example's messages before its last assistant turn, and that turn as the reference."""
     cases = []
-    for ex in read_messages(path):
-        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-        cases.append({"source": ex.source, "prompt": ex.messages[:last], "reference": ex.messages[last]["content"]})
+    for ex in read_examples(source, format=cfg.data.format, columns=cfg.data.columns):
+        messages = ex.conversation()
+        if messages is None:
+            raise LorakitError(f"{ex.source}: a plain-text example has no prompt to answer; evaluate on "
+                               "conversations or prompt/completion examples (--prompts FILE)")
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        cases.append(Case(ex, messages[:last], messages[last]["content"]))
         if limit and len(cases) >= limit:
             break
     return cases
@@ -64,26 +119,19 @@ def _load_tuned(cfg, run: Path):
     return model, tokenizer, template
 
 
-def _score(cases, outputs, metrics) -> tuple[list[dict], dict]:
-    rows, totals = [], {arm: {name: 0.0 for name in metrics} | {"stop_rate": 0.0} for arm in outputs}
-    for i, case in enumerate(cases):
-        row = {"source": case["source"], "prompt": case["prompt"], "reference": case["reference"]}
-        for arm, gens in outputs.items():
-            g = gens[i]
-            scores = {name: fn(g.text, case["reference"]) for name, fn in metrics.items()}
-            scores["stop_rate"] = float(g.stopped)
-            row[arm] = {"output": g.text, "new_tokens": g.new_tokens, "scores": scores}
-            for name, v in scores.items():
-                totals[arm][name] += v
-        rows.append(row)
-    summary = {arm: {k: v / max(len(cases), 1) for k, v in t.items()} for arm, t in totals.items()}
-    return rows, summary
+def _losses(model, tokenizer, cfg, template, cases: list[Case]) -> dict[str, list[tuple[float, int]]]:
+    """Each arm's (summed loss, tokens) per case, with the examples rendered as training renders them."""
+    rendered = [render_example(tokenizer, c.example, loss_on=cfg.data.loss_on, template=template) for c in cases]
+    return {arm: reference_losses(model, rendered, tokenizer.pad_token_id, adapter=arm == "tuned") for arm in ARMS}
 
 
-def _write(eval_dir: Path, rows: list[dict], summary: dict) -> None:
+def _write(run: Path, rows: list[dict], summary: dict) -> None:
+    eval_dir = run / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     (eval_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     with open(eval_dir / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    console.info(f"wrote {eval_dir}/summary.json and results.jsonl ({len(rows)} prompts)")
+    (eval_dir / "report.md").write_text(report.markdown(summary, rows))
+    (eval_dir / "report.html").write_text(report.page(summary, rows, report.read_log(run / "metrics.jsonl")))
+    console.info(f"wrote {eval_dir}/report.html, report.md, summary.json and results.jsonl ({len(rows)} prompts)")

@@ -1,21 +1,25 @@
-"""Which examples each optimizer step trains on, and how a micro-batch becomes tensors.
+"""Which rows each optimizer step trains on, and how a micro-batch of rows becomes tensors.
 
-The order is a pure function of (seed, step): epoch e shuffles with seed + e, and step s takes the
-next batch_size x grad_accum examples. Resuming at step s therefore needs only s, and replays the
-exact samples an uninterrupted run would have seen.
+A row is one rendered example (padded batches) or a packed row of several (`lorakit.data.pack`).
+The order is a pure function of (seed, step): epoch e shuffles the rows with seed + e, and step s
+takes the next batch_size x grad_accum of them. Resuming at step s therefore needs only s, and
+replays the exact samples an uninterrupted run would have seen.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from lorakit.data.render import Rendered
 
 IGNORE = -100
 
 
 @dataclass(frozen=True)
 class Schedule:
-    n_examples: int
+    n_examples: int  # rows to draw from: examples, or packed rows when packing
     batch_size: int
     grad_accum: int
     seed: int
@@ -32,7 +36,7 @@ class Schedule:
         return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
 
     def step_indices(self, step: int) -> list[list[int]]:
-        """Example indices of each micro-batch of optimizer step `step` (0-based)."""
+        """Row indices of each micro-batch of optimizer step `step` (0-based)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.n_examples, generator=g).tolist()
@@ -40,18 +44,43 @@ class Schedule:
         return [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
 
 
-def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rendered examples into input_ids / attention_mask / labels tensors."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into input_ids / attention_mask / labels tensors.
+
+    Rows that are single examples give the plain padded batch. Packed rows (sequences of examples)
+    also get `position_ids` that restart at 0 for each example (and for the padding), and
+    `cu_seqlens`, the offsets of each of those segments in the flattened batch, for varlen kernels.
+    The model must then get position_ids instead of the attention mask (see `loss.model_inputs`):
+    transformers builds a block-diagonal causal mask from them, so no token attends across examples.
+    The first label of each packed example is ignored: it would be predicted from the example
+    before it. `attention_mask` marks real tokens either way.
+    """
+    packed = not all(isinstance(row, Rendered) for row in rows)
+    rows = [list(row) if packed and not isinstance(row, Rendered) else [row] for row in rows]
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = []
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, at:at + n] = torch.tensor(e.input_ids)
+            labels[r, at:at + n] = torch.tensor(e.labels)
+            labels[r, at] = IGNORE
+            positions[r, at:at + n] = torch.arange(n)
+            segments.append(n)
+            at += n
+        mask[r, :at] = 1
+        positions[r, at:] = torch.arange(width - at)
+        segments += [width - at] if at < width else []
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        cu = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        batch.update(position_ids=positions, cu_seqlens=cu)
+    return batch
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
