@@ -75,13 +75,14 @@ def main() -> None:
             samples.append((round(time.time() - start), round(rss_mib()[0])))
 
     threading.Thread(target=sample, daemon=True).start()
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     report = data.check(cfg, tokenizer)
-    seconds = time.time() - t
+    seconds, cpu = time.time() - t, time.process_time() - cpu
     done.set()
     result = {
         "date": datetime.date.today().isoformat(), "rows": args.rows, "file_mib": round(path.stat().st_size / 2**20),
-        "seconds": round(seconds, 1), "rows_per_s": round(args.rows / seconds), "rss_before_check_mib": round(baseline),
+        "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "rows_per_s": round(args.rows / seconds),
+        "load_average_1m_at_end": __import__("os").getloadavg()[0], "rss_before_check_mib": round(baseline),
         "peak_rss_mib": round(rss_mib()[1]), "rss_samples_s_mib": samples[:: max(1, len(samples) // 40)],
         "examples_kept": report["train"]["examples_kept"], "tokens_total": report["train"]["tokens_total"],
         "exact_duplicates": report["train"]["duplicates"]["exact"]["count"], "packing": report["train"]["packing"],

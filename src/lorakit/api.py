@@ -29,14 +29,18 @@ def evaluate(run_dir: str | Path, prompts: str | None = None, limit: int | None 
     return summary
 
 
-def check(config: Config | str | Path) -> dict:
-    """Render and verify every example without loading model weights; returns the data report."""
+def check(config: Config | str | Path, dump_tokens: str | Path | None = None) -> dict:
+    """Read, render and verify every example without loading model weights; print the report and
+    return it. Raises DataError (exit 2) listing every problem found, after printing the rest.
+    `dump_tokens` writes one JSON line per example: source, input_ids, labels (-100 = not trained)."""
     from lorakit import data, models
 
     cfg = config if isinstance(config, Config) else load_config(config)
     tokenizer = models.load_tokenizer(models.resolve_model(cfg.model), cfg.trust_remote_code)
-    _, _, report = data.prepare_run(cfg, tokenizer)
-    console.data_summary(report)
+    report = data.check(cfg, tokenizer, dump_tokens=dump_tokens)
+    for line in data.summary_lines(report):
+        console.info(line)
+    data.raise_for_errors(report)
     return report
 
 

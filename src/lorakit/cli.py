@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 import lorakit
 from lorakit import api, console
@@ -12,7 +13,11 @@ def _init(args) -> None:
 
 
 def _check(args) -> None:
-    lorakit.check(lorakit.load_config(args.config, args.overrides))
+    if Path(args.config).suffix in (".yaml", ".yml"):
+        cfg = lorakit.load_config(args.config, args.overrides)
+    else:  # a data file, glob or save_to_disk directory, checked with --model's tokenizer and template
+        cfg = lorakit.load_config(overrides=[f"data.train={args.config}", f"model={args.model}", *args.overrides])
+    lorakit.check(cfg, dump_tokens=args.dump_tokens)
 
 
 def _train(args) -> None:
@@ -51,12 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default=".")
     p.set_defaults(run=_init)
 
-    for name, fn, text in (("check", _check, "render and check the data; print the report"),
-                           ("train", _train, "train an adapter, then evaluate it")):
-        p = verbs.add_parser(name, help=text)
-        p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=20")
-        p.set_defaults(run=fn)
+    p = verbs.add_parser("check", help="read, render and verify the data; print the report")
+    p.add_argument("config", help="YAML config file, or a data file / glob / save_to_disk directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.max_length=2048")
+    p.add_argument("--model", default="smollm2-135m", help="with a data file: whose tokenizer and chat template")
+    p.add_argument("--dump-tokens", metavar="FILE", help="write each example's input_ids and labels as JSON lines")
+    p.set_defaults(run=_check)
+
+    p = verbs.add_parser("train", help="train an adapter, then evaluate it")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=20")
+    p.set_defaults(run=_train)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: accept a changed config, data or model")
 
