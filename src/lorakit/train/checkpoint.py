@@ -6,6 +6,7 @@ valid manifest is never resumed from.
 """
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -28,8 +29,12 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, k
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
+    # Serialised in memory first: torch's zip writer turns a failed write (disk full, file-size
+    # limit) into a RuntimeError; a plain write raises the OSError the loop reports.
+    buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "trainer.pt")
+               buffer)
+    (tmp / "trainer.pt").write_bytes(buffer.getvalue())
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
     faults.at("save:files")
     files = sorted(p for p in tmp.iterdir())
