@@ -4,18 +4,20 @@ GPU (default): random-init models of the Qwen3-0.6B and Llama-3.1-8B architectur
 `lorakit.plan.ARCHS`), created on the GPU in bf16, saved once under /tmp and loaded with
 `lorakit.models.load_base` (4-bit through bitsandbytes for qlora) + `attach_lora`, then optimizer
 steps of `lorakit.train.loss.loss_sum` on random token batches under bf16 autocast, as train runs
-them. Each configuration: torch.cuda.reset_peak_memory_stats, 3 optimizer steps, then
-max_memory_allocated vs the planner's `allocated`; steps 2-3 are timed for tokens/s. A failing
+them. Each configuration: torch.cuda.reset_peak_memory_stats, 6 optimizer steps, then
+max_memory_allocated vs the planner's `allocated`; steps 3-6 are timed for tokens/s. A failing
 configuration (OOM, say) is recorded and the next one runs.
 
-CPU (--cpu): the embedded smollm2-135m and small random models, one subprocess per configuration,
-peak RSS (VmHWM) vs the planner's total, and the allocator's own peak (torch profiler memory events)
-vs the planner's `allocated`.
+CPU (--cpu): the embedded smollm2-135m and small random models, one subprocess per configuration
+(with `plan.limit_cpu_heap()`, as train sets it), peak RSS (VmHWM) vs the planner's total, and the
+allocator's own peak (torch profiler memory events) vs the planner's `allocated`.
 
-    python benchmarks/plan_memory.py            # GPU, all configurations (~6 min on an H200)
+    python benchmarks/plan_memory.py            # GPU, 13 configurations (~80 s of steps on an H200)
     python benchmarks/plan_memory.py --quick    # GPU, 2 configurations
     python benchmarks/plan_memory.py --cpu      # CPU
+    python benchmarks/plan_memory.py --repredict benchmarks/results/plan_memory_DATE.json
 Results: benchmarks/results/plan_memory_<date>[_cpu].json (and $OUT/ when set), a table on stdout.
+`--repredict` recomputes an earlier file's predictions with the current model (no hardware needed).
 """
 
 import argparse
@@ -62,13 +64,14 @@ GPU_CONFIGS = [
     config("8b-qlora-2048-gc", "llama-3.1-8b", "qlora", 4, 2048, gc=True),
 ]
 QUICK = ["0.6b-lora-512", "0.6b-qlora-512"]
+STEPS = 6  # per GPU configuration: peak memory over all, tokens/s over the last 4
 
 TINY = dict(model_type="llama", vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
 CPU_CONFIGS = [
     config("smollm2-lora-8x128", "smollm2-135m", "lora", 8, 128),
-    config("smollm2-lora-8x256", "smollm2-135m", "lora", 8, 256),
-    config("smollm2-lora-8x256-padded-nodrop", "smollm2-135m", "lora", 8, 256, masked=True, dropout=0.0,
+    config("smollm2-lora-4x256", "smollm2-135m", "lora", 4, 256),
+    config("smollm2-lora-4x256-padded-nodrop", "smollm2-135m", "lora", 4, 256, masked=True, dropout=0.0,
            trained=0.3),
     config("smollm2-lora-4x256-gc", "smollm2-135m", "lora", 4, 256, gc=True),
     config("smollm2-qlora-4x256", "smollm2-135m", "qlora", 4, 256),
@@ -83,8 +86,10 @@ def arch_config(name: str) -> dict:
 
 
 def predicted(c: dict, device: str) -> plan.Memory:
+    from lorakit.train.batches import trained_tokens
+
     arch = plan.arch_from_config(arch_config(c["arch"]))
-    trained = round(c["rows"] * (c["seq"] - 1) * c["trained_frac"])
+    trained = trained_tokens(make_batch(c, arch.vocab, "cpu")["labels"])
     step = plan.Step(c["method"], device, "bf16" if device == "cuda" else "fp32", c["gc"], c["rows"], c["seq"],
                      trained, c["masked"], dropout=c["dropout"])
     return plan.step_memory(arch, step)
@@ -209,12 +214,12 @@ def measure_gpu(model, c: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         probe = {}
-        times = train_steps(model, batch, 3, "cuda", probe)
+        times = train_steps(model, batch, STEPS, "cuda", probe)
         free, total = torch.cuda.mem_get_info()
         out.update(measured_allocated=torch.cuda.max_memory_allocated(),
                    measured_reserved=torch.cuda.max_memory_reserved(),
                    device_used=total - free, reserved_now=torch.cuda.memory_reserved(),
-                   tok_s=c["rows"] * c["seq"] * 2 / sum(times[1:]), step_s=times,
+                   tok_s=c["rows"] * c["seq"] * (STEPS - 2) / sum(times[2:]), step_s=times,
                    allocated_before_step=probe["before_step"], allocated_after_forward=probe["after_forward"])
     except Exception as e:  # noqa: BLE001 - an OOM is a result too
         out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -224,13 +229,7 @@ def measure_gpu(model, c: dict) -> dict:
             base.disable_input_require_grads()
         pygc.collect()
         torch.cuda.empty_cache()
-    mem = predicted(c, "cuda")
-    out.update(predicted_allocated=mem.allocated, predicted_total=mem.total, predicted_peak_at=mem.peak_at,
-               predicted_parts={k: getattr(mem, k) for k in ("weights", "adapter", "activations", "transient",
-                                                               "runtime")})
-    if "measured_allocated" in out:
-        out["error_pct"] = round(100 * (mem.allocated / out["measured_allocated"] - 1), 1)
-    return out
+    return add_prediction(out, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------- CPU
@@ -251,6 +250,7 @@ def child_cpu(c: dict) -> dict:
     from lorakit import console, models
 
     console.quiet_libraries()
+    plan.limit_cpu_heap()  # as train does on CPU
     device = torch.device("cpu")
     precision = models.resolve_precision("fp32", device)
     if c["arch"] == "tiny":
@@ -270,9 +270,8 @@ def child_cpu(c: dict) -> dict:
     batch = make_batch(c, base.config.vocab_size, "cpu")
     before = _status()["VmRSS"]
     times = train_steps(model, batch, 2, "cpu")
-    hwm = _status()["VmHWM"]
-    return dict(measured_rss=hwm, rss_before_steps=before, step_s=times, tok_s=c["rows"] * c["seq"] / times[1],
-                measured_allocated=_allocator_peak(model, batch))
+    return dict(measured_rss=_status()["VmHWM"], rss_before_steps=before, step_s=times,
+                tok_s=c["rows"] * c["seq"] / times[1], measured_allocated=_allocator_peak(model, batch))
 
 
 def _allocator_peak(model, batch) -> int:
@@ -321,14 +320,7 @@ def run_cpu(configs: list[dict]) -> list[dict]:
             out["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
         else:
             out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        mem = predicted(c, "cpu")
-        out.update(predicted_allocated=mem.allocated, predicted_total=mem.total, predicted_peak_at=mem.peak_at,
-                   predicted_parts={k: getattr(mem, k) for k in ("weights", "adapter", "activations",
-                                                                   "transient", "runtime")})
-        if "measured_rss" in out:
-            out["error_pct"] = round(100 * (mem.total / out["measured_rss"] - 1), 1)
-            out["alloc_error_pct"] = round(100 * (mem.allocated / out["measured_allocated"] - 1), 1)
-        results.append(out)
+        results.append(add_prediction(out, "cpu"))
         print(_row(out), flush=True)
     return results
 
@@ -339,12 +331,38 @@ def _row(r: dict) -> str:
     if "error" in r and "measured_allocated" not in r:
         return f"{r['name']:34} ERROR {r['error'][:90]}"
     if "measured_rss" in r:
-        return (f"{r['name']:34} rss {r['measured_rss'] / 2**30:7.2f} GiB  predicted {r['predicted_total'] / 2**30:7.2f}"
-                f"  {r['error_pct']:+6.1f}%   alloc {r['measured_allocated'] / 2**30:6.2f} vs "
-                f"{r['predicted_allocated'] / 2**30:6.2f} GiB {r['alloc_error_pct']:+6.1f}%   {r['tok_s']:8.0f} tok/s")
+        return (f"{r['name']:34} rss {r['measured_rss'] / 2**30:7.2f} GiB  predicted "
+                f"{r['predicted_total'] / 2**30:7.2f}  {r['error_pct']:+6.1f}%   alloc "
+                f"{r['measured_allocated'] / 2**30:6.2f} vs {r['predicted_allocated'] / 2**30:6.2f} GiB "
+                f"{r['alloc_error_pct']:+6.1f}%  {r['tok_s']:8.1f} tok/s")
     return (f"{r['name']:34} allocated {r['measured_allocated'] / 2**30:7.2f} GiB  predicted "
             f"{r['predicted_allocated'] / 2**30:7.2f}  {r['error_pct']:+6.1f}%  ({r['predicted_peak_at']})  "
             f"reserved {r['measured_reserved'] / 2**30:7.2f}  {r['tok_s']:9.0f} tok/s")
+
+
+def add_prediction(r: dict, device: str) -> dict:
+    """The planner's figures for measured configuration `r`, and the errors against it."""
+    mem = predicted(r, device)
+    r.update(predicted_allocated=mem.allocated, predicted_total=mem.total, predicted_peak_at=mem.peak_at,
+             predicted_parts={k: getattr(mem, k) for k in ("weights", "adapter", "activations", "transient",
+                                                             "runtime")})
+    if "measured_rss" in r:
+        r["error_pct"] = round(100 * (mem.total / r["measured_rss"] - 1), 1)
+        r["alloc_error_pct"] = round(100 * (mem.allocated / r["measured_allocated"] - 1), 1)
+    elif "measured_allocated" in r:
+        r["error_pct"] = round(100 * (mem.allocated / r["measured_allocated"] - 1), 1)
+    return r
+
+
+def repredict(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    cpu = "measured_rss" in json.dumps(doc["results"])
+    for r in doc["results"]:
+        add_prediction(r, "cpu" if cpu else "cuda")
+        print(_row(r))
+    doc["repredicted"] = {"date": datetime.date.today().isoformat(), "runtime_assumed": plan.RUNTIME}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
 
 
 def versions() -> dict:
@@ -376,11 +394,15 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="configuration names to run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--models", default="/tmp/lorakit-plan-models", help="where the random GPU models are saved")
+    ap.add_argument("--repredict", metavar="RESULTS_JSON",
+                    help="recompute the predictions of an earlier results file with the current model")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child_cpu(json.loads(args.child))))
         return 0
+    if args.repredict:
+        return repredict(Path(args.repredict))
     configs = CPU_CONFIGS if args.cpu else GPU_CONFIGS
     names = args.only or (CPU_QUICK if args.cpu else QUICK) if (args.quick or args.only) else None
     if names:

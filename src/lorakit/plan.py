@@ -6,21 +6,24 @@ The memory model follows lorakit's own training step (`train/loop.py`, `train/lo
 * base weights: 16-bit on CUDA (fp32 on CPU) for lora; for qlora NF4 (0.5 byte/param) plus its
   absmax constants (1 byte per 64 weights double-quantized, 4 without) on the decoder's linear
   layers, while embeddings, norms and lm_head stay in the compute dtype;
-* the adapter: fp32 LoRA weights, their AdamW moments (8 bytes/param) and, at the optimizer step,
-  their gradients;
-* activations autograd keeps per token and layer (see `_layer_activations`): what PEFT's LoRA path
+* the adapter: fp32 LoRA weights and their AdamW moments; gradients at the optimizer step;
+* activations autograd keeps per token and layer (`_layer_activations`): what PEFT's LoRA path
   saves (its own casts and dropout masks; frozen weights save nothing for the backward), the
   RMSNorms' fp32 inputs, SDPA's q/k/v/output/logsumexp (k and v repeated to every head and a
   float mask per layer when a mask is materialised), the gated MLP's three intermediates. With
   gradient checkpointing only each layer's input stays, and one layer is recomputed in the backward;
-* the loss: lorakit projects only trained positions to the vocabulary, so the peak there is
-  logits + log-softmax + their gradient, 12 bytes x vocab per trained token, all fp32;
+* the loss (`_loss_peak`): lorakit projects only trained positions to the vocabulary, in chunks,
+  so its peak is a few vocab-wide buffers per chunk, not the logits of the whole batch;
+* one layer's backward (`_layer_backward`), whichever of the two is larger;
 * what the allocator does not count: the CUDA context and cache slack, or on CPU the process
-  itself and the memory glibc keeps after frees. Those figures are stated in `RUNTIME`.
+  itself. Those figures are in `RUNTIME`.
 
-Throughput comes from `MEASURED` (lorakit's and the plain PyTorch loop's tokens/s on real
-hardware), turned into a hardware efficiency and carried to other models by FLOPs per token and to
-other GPUs by their bf16 peak (`GPUS`); every figure says whether it was measured or extrapolated.
+Predicted vs measured: docs/plan.md and benchmarks/results/plan_memory_*.json (within 1.4% of
+torch.cuda.max_memory_allocated on 13 H200 configurations).
+
+Throughput comes from `MEASURED` (lorakit's own tokens/s on an H200 and a 2-core CPU), turned into
+a hardware efficiency and carried to other models by FLOPs per token and to other devices by
+their peak (`GPUS`); every figure says whether it was measured or extrapolated.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Arch:
     norms: int = 2  # RMSNorms per layer
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
     full_logits: bool = False  # final logit softcapping: lorakit's loss takes the full-logits path
+    checkpoint_bytes: int = 2  # bytes per weight in the checkpoint files (config `dtype`; 2 if unset)
     note: str = ""  # set when the architecture is approximated
 
     @property
@@ -134,6 +138,7 @@ def arch_from_config(config) -> Arch:
         norms=4 if kind in ("gemma2", "gemma3_text") else 2,
         qk_norm=kind in ("qwen3", "gemma3_text"),
         full_logits=bool(getattr(config, "final_logit_softcapping", None)),
+        checkpoint_bytes=4 if "float32" in str(getattr(config, "dtype", None) or "") else 2,
         note="" if kind in _LLAMA_LIKE else f"model_type {kind!r} is modelled as a Llama-style dense decoder",
     )
 
@@ -177,10 +182,11 @@ class Step:
 # caching allocator's unused reserve; CPU: the Python process with torch, transformers and peft
 # imported, and what glibc keeps of freed activation memory. Measured values in docs/plan.md.
 RUNTIME = {
-    "cuda_context": 0.55 * GiB,  # assumed; torch 2.x on Hopper: 0.5-0.6 GiB outside the allocator
-    "cuda_slack": 0.05,  # assumed share of the allocated peak the caching allocator reserves on top
+    "cuda_workspace": 64 * 2**20,  # measured (H200): cuBLAS/cuBLASLt workspaces, inside the allocator
+    "cuda_context": 0.75 * GiB,  # measured (H200, torch 2.11, CUDA 13): device use outside the allocator
+    "cuda_slack": 0.10,  # measured (H200): reserved exceeds the allocated peak by 0.4-10%, most with checkpointing
     "cpu_process": 0.43 * GiB,  # measured: RSS of lorakit with torch, transformers, peft loaded, no weights
-    "cpu_retained": 0.35,  # measured: glibc keeps ~this share of the step's transient memory resident
+    "cpu_retained": 0.03,  # measured: what the heap keeps of the step's memory (limit_cpu_heap on)
 }
 
 
@@ -189,11 +195,11 @@ class Memory:
     """Bytes, by component. `allocated` is what torch.cuda.max_memory_allocated would report;
     `total` adds the runtime and must fit the device."""
 
-    weights: float
-    adapter: float  # LoRA weights + AdamW moments (+ gradients at the optimizer step)
+    weights: float  # the frozen base (+ cuBLAS workspaces on CUDA)
+    adapter: float  # LoRA weights + AdamW moments
     activations: float  # kept for the backward at the peak
-    transient: float  # the loss buffers or one layer's backward (and recompute), whichever is larger
-    runtime: float  # CUDA context + allocator slack, or the CPU process + retained heap
+    transient: float  # the loss buffers, one layer's backward (and recompute) or the optimizer step
+    runtime: float  # CUDA context + allocator slack; CPU: the process, retained heap, file pages
     peak_at: str  # loss | backward | optimizer
 
     @property
@@ -219,6 +225,18 @@ def base_weight_bytes(arch: Arch, step: Step) -> float:
     per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if step.double_quant else 4 / 64)
     constants = arch.layers * len(arch.linears) * 2 * 256 * 4  # NF4 and absmax code books
     return quantized * per_weight + constants + (arch.params - quantized) * compute
+
+
+def _resident_checkpoint(arch: Arch, step: Step) -> float:
+    """CPU qlora: file pages of the checkpoint that stay in RSS outside any tensor. The kept
+    non-quantized tensors are views of transformers' mapping of the safetensors file when its dtype
+    is the compute dtype, so the pages read to quantize the linear weights stay resident too
+    (measured: +0.44 GiB RSS for smollm2-135m's fp32 cache). On CUDA, for lora (whose weights are
+    those pages), or when loading converts the dtype (measured on a bf16 file), nothing stays."""
+    compute = _bytes(step.precision)
+    if step.device != "cpu" or step.method != "qlora" or arch.checkpoint_bytes != compute:
+        return 0
+    return arch.layers * arch.layer_linear_params * compute
 
 
 def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
@@ -261,15 +279,48 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
 
 
 def _layer_backward(arch: Arch, step: Step) -> float:
-    """Gradient buffers alive at once in one layer's backward, per token (the MLP's, the largest)."""
+    """Gradient buffers alive at once in one layer's backward, per token. The largest moment is the
+    down projection's LoRA backward: the gradient runs back through autocast's cast (16-bit), PEFT's
+    fp32 cast and the dropout, so 2 + 4 + 4 bytes per intermediate feature are alive together.
+    Measured on CPU with the allocator's own events for each regime (docs/plan.md)."""
+    d, i = arch.hidden, arch.intermediate
+    drop = step.dropout > 0
+    if _bytes(step.precision) == 4:
+        return 4 * i + 16 * d if drop else 6 * i + 8 * d
+    if step.method == "lora":  # PEFT's fp32 cast of x under autocast
+        return 10 * i + 6 * d if drop else 6 * i + 10 * d
+    return max(2 * i + 10 * d, 20 * d) if drop else max(4 * i, 20 * d)
+
+
+LOSS_CHUNK = 4096  # tokens per chunk of lorakit.train.loss.chunked_cross_entropy_sum
+
+
+def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
+    """Bytes alive on top of the saved activations while the loss runs.
+
+    lorakit's loss (`train/loss.py`) projects only trained positions and, for the frozen lm_head,
+    works in chunks of LOSS_CHUNK tokens, computing d loss / d hidden in the forward. Per chunk of c
+    tokens, in units of vocab x c: the 16-bit logits (2) and their fp32 copy (4), then logsumexp's
+    temporary (4) or the softmax gradient (4), then its 16-bit copy (2); from the second chunk on the
+    previous chunk's fp32 logits and gradient (4 + 4) are still bound while the next is computed.
+    Plus the gathered hidden states and their gradient (2 x bytes x hidden per trained token)."""
     a = _bytes(step.precision)
-    fp32_lora_grad = 4 * arch.intermediate if (step.method == "lora" and a == 2) else 0
-    return a * (4 * arch.intermediate + 2 * arch.hidden) + fp32_lora_grad
+    V = arch.vocab
+    if arch.full_logits:  # softcapping: full logits of every position, plain cross-entropy
+        return V * step.tokens * (a + 12)
+    first = min(LOSS_CHUNK, trained)
+    later = min(LOSS_CHUNK, trained - first)
+    if a == 2:
+        units = max(10 * first, 8 * first + 6 * later if later else 0, 4 * first + 8 * later)
+    else:
+        units = max(8 * first, 8 * first + 4 * later if later else 0, 4 * first + 8 * later)
+    weight_copy = V * arch.hidden * a if (a == 2 and step.device == "cpu" and step.method == "lora") else 0
+    return V * units + weight_copy + 2 * a * arch.hidden * trained
 
 
 def step_memory(arch: Arch, step: Step) -> Memory:
     """Peak memory of one optimizer step of lorakit's loop on `step`'s micro-batch."""
-    weights = base_weight_bytes(arch, step)
+    weights = base_weight_bytes(arch, step) + (RUNTIME["cuda_workspace"] if step.device == "cuda" else 0)
     lora = arch.lora_params(step.r, step.targets)
     adapter = 12 * lora  # fp32 weights + AdamW exp_avg and exp_avg_sq
     per_token, per_layer = _layer_activations(arch, step)
@@ -277,8 +328,7 @@ def step_memory(arch: Arch, step: Step) -> Memory:
     T = step.tokens
     final_norm = (4 * arch.hidden + 4) * T
     mask = T * step.seq if step.masked else 0  # the bool [rows, 1, seq, seq] mask, shared by all layers
-    trained = T if arch.full_logits else step.trained
-    loss = 12 * arch.vocab * trained + (2 * arch.vocab * T if arch.full_logits else 0)
+    loss = _loss_peak(arch, step, step.trained)
     dequant = 0
     if step.method == "qlora":  # bitsandbytes dequantizes one whole weight for each 4-bit matmul
         dequant = max(l.n_in * l.n_out for l in arch.linears) * a
@@ -290,15 +340,16 @@ def step_memory(arch: Arch, step: Step) -> Memory:
         kept = arch.layers * (per_token * T + per_layer)
         backward = layer_work
     activations = kept + final_norm + mask
-    # The optimizer step: no activations, gradients present, foreach AdamW's temporaries.
-    optimizer = 4 * lora + 8 * lora
-    candidates = {"loss": loss, "backward": backward, "optimizer": optimizer - activations}
+    # The optimizer step: no activations left; fp32 gradients and foreach AdamW's sqrt temporaries.
+    optimizer = 8 * lora - activations
+    candidates = {"loss": loss, "backward": backward, "optimizer": optimizer}
     peak_at = max(candidates, key=candidates.get)
     transient = candidates[peak_at]
     if step.device == "cuda":
         runtime = RUNTIME["cuda_context"] + RUNTIME["cuda_slack"] * (weights + adapter + activations + transient)
     else:
-        runtime = RUNTIME["cpu_process"] + RUNTIME["cpu_retained"] * (activations + transient)
+        runtime = (RUNTIME["cpu_process"] + RUNTIME["cpu_retained"] * (activations + transient)
+                   + _resident_checkpoint(arch, step))
     return Memory(weights, adapter, activations, transient, runtime, peak_at)
 
 
@@ -334,7 +385,7 @@ GPUS = {  # matched against the device name, longest key first
 
 @dataclass(frozen=True)
 class Measured:
-    """A measured steady-state throughput: the anchor every estimate is scaled from."""
+    """A measured steady-state throughput of lorakit's own step: what every estimate scales from."""
 
     device: str  # a GPUS key, or "cpu"
     model: str  # an ARCHS key
@@ -347,7 +398,7 @@ class Measured:
 
 
 # Architectures of the measured anchors (random-init models of these configs; sizes from
-# reference/perf-anchors.md).
+# reference/perf-anchors.md, parameter counts checked against transformers in the tests).
 ARCHS = {
     "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -361,18 +412,24 @@ ARCHS = {
                          bos_token_id=128000, eos_token_id=128001),
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5),
+                         tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=1e5,
+                         rms_norm_eps=1e-5, dtype="float32"),  # lorakit's cache of the embedded GGUF
 }
 
-_README = "H200, 2026-11-29, plain PyTorch+PEFT+bnb loop (shared/gpu/README.md)"
-MEASURED = [
-    Measured("H200", "qwen3-0.6b", "qlora", False, 8, 2048, 46978, _README),
-    Measured("H200", "qwen3-0.6b", "qlora", True, 8, 2048, 33663, _README),
-    Measured("H200", "llama-3.1-8b", "qlora", False, 8, 2048, 12496, _README),
-    Measured("H200", "llama-3.1-8b", "qlora", True, 8, 2048, 8759, _README),
-    Measured("H200", "llama-3.1-8b", "qlora", False, 2, 2048, 11364, _README),
-    Measured("cpu", "smollm2-135m", "lora", False, 8, 128, 160, "2-core AMD EPYC, fp32, lorakit step"),
-    Measured("cpu", "smollm2-135m", "qlora", False, 8, 128, 60, "2-core AMD EPYC, fp32, lorakit step"),
+_H200 = "H200 2026-11-29, benchmarks/results/plan_memory_2026-11-29.json"
+_DEMO = "2-core AMD EPYC, fp32: the demo's 24 steps x 8 rows in ~2.5 min (examples/support_tickets)"
+MEASURED = [  # tokens/s over optimizer steps 3-6, random tokens, every token trained, dropout 0.05
+    Measured("H200", "qwen3-0.6b", "lora", False, 4, 512, 11463, _H200),
+    Measured("H200", "qwen3-0.6b", "lora", False, 4, 2048, 36380, _H200),
+    Measured("H200", "qwen3-0.6b", "lora", True, 4, 2048, 19620, _H200),
+    Measured("H200", "qwen3-0.6b", "qlora", False, 4, 512, 7494, _H200),
+    Measured("H200", "qwen3-0.6b", "qlora", False, 4, 2048, 29765, _H200),
+    Measured("H200", "llama-3.1-8b", "lora", False, 4, 512, 8724, _H200),
+    Measured("H200", "llama-3.1-8b", "lora", False, 4, 2048, 10463, _H200),
+    Measured("H200", "llama-3.1-8b", "qlora", False, 4, 512, 6508, _H200),
+    Measured("H200", "llama-3.1-8b", "qlora", False, 4, 2048, 11427, _H200),
+    Measured("H200", "llama-3.1-8b", "qlora", True, 4, 2048, 7996, _H200),
+    Measured("cpu", "smollm2-135m", "lora", False, 8, 128, 150, _DEMO),
 ]
 CPU_CORES_MEASURED = 2
 
@@ -392,52 +449,60 @@ def step_flops(arch: Arch, step: Step) -> float:
     return arch.layers * per_layer * T + 4 * arch.vocab * arch.hidden * trained
 
 
-def _efficiency(m: Measured) -> float:
-    arch = arch_from_config(ARCHS[m.model])
-    step = Step(m.method, "cuda" if m.device != "cpu" else "cpu", "bf16" if m.device != "cpu" else "fp32",
-                m.checkpointing, m.rows, m.seq, m.rows * (m.seq - 1), masked=False)
-    return m.tok_s * step_flops(arch, step) / step.tokens / _peak(m.device)
+def _anchor_step(m: Measured) -> tuple[Arch, Step]:
+    device = "cpu" if m.device == "cpu" else "cuda"
+    step = Step(m.method, device, "fp32" if device == "cpu" else "bf16", m.checkpointing, m.rows, m.seq,
+                m.rows * (m.seq - 1), masked=False)
+    return arch_from_config(ARCHS[m.model]), step
 
 
-def _peak(device: str) -> float:
+def _peak_flops(device: str, cores: int | None = None) -> float:
+    """The device's bf16 peak; for the CPU a nominal 0.5 TFLOP/s per core, so that CPU figures
+    scale with the number of cores (`cores`, default this machine's)."""
     if device == "cpu":
-        return 1e12 * CPU_CORES_MEASURED  # a nominal unit: CPU figures scale with cores only
+        return 0.5e12 * (cores or os.cpu_count() or CPU_CORES_MEASURED)
     return GPUS[device].bf16_tflops * 1e12
 
 
 def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
-    """(tokens/s, how it was obtained) for `step` on `device` (a GPUS key or "cpu")."""
-    table = "cpu" if device == "cpu" else "H200"
-    anchors = [m for m in MEASURED if m.device == table and m.method == step.method] or \
-              [m for m in MEASURED if m.device == table]
-    exact = [m for m in anchors if m.device == device and m.checkpointing == step.checkpointing
-             and m.rows == step.rows and m.seq == step.seq and ARCHS[m.model] and _same(arch, m.model)]
-    if exact:
-        return exact[0].tok_s, f"measured ({exact[0].source})"
-    # Hardware efficiency changes with model size and tokens per micro-batch, little with
-    # checkpointing (recompute is counted as work): interpolate it in log(size), log(tokens).
-    size = math.log(arch.layers * arch.layer_linear_params)
-    tokens = math.log(max(step.tokens, 1))
+    """(tokens/s, how it was obtained) for `step` on `device` (a GPUS key or "cpu").
 
-    def distance(m):
-        a = arch_from_config(ARCHS[m.model])
-        return abs(math.log(a.layers * a.layer_linear_params) - size) + 0.5 * abs(math.log(m.rows * m.seq) - tokens)
+    The measured anchors give a hardware efficiency (FLOPs done / peak). It changes with model size
+    and tokens per micro-batch and little with checkpointing, whose recompute counts as work; the
+    two nearest anchors (log size, log tokens, same method and checkpointing preferred) are
+    averaged and applied to this step's FLOPs and this device's peak."""
+    table = "cpu" if device == "cpu" else "H200"
+    anchors = [m for m in MEASURED if m.device == table]
+    method = step.method if table != "cpu" else "lora"  # CPU: qlora has no anchor of its own
+    for m in anchors:
+        a, s = _anchor_step(m)
+        if device == m.device and a == replace(arch, note="") and s == step:
+            return m.tok_s, f"measured ({m.source})"
+    size = math.log(arch.layers * arch.layer_linear_params)
+
+    def distance(m: Measured) -> float:
+        a, s = _anchor_step(m)
+        return (abs(math.log(a.layers * a.layer_linear_params) - size) + 0.5 * abs(math.log(s.tokens / step.tokens))
+                + 0.3 * (m.method != method) + 0.3 * (m.checkpointing != step.checkpointing))
 
     nearest = sorted(anchors, key=distance)[:2]
     weights = [1 / (distance(m) + 1e-3) for m in nearest]
-    eff = sum(w * _efficiency(m) for w, m in zip(weights, nearest)) / sum(weights)
-    peak = _peak(device)
+    efficiency = sum(w * _efficiency(m) for w, m in zip(weights, nearest)) / sum(weights)
+    tok_s = efficiency * _peak_flops(device) * step.tokens / step_flops(arch, step)
+    how = "extrapolated by FLOPs from " + " and ".join(
+        f"{m.model} {m.method}{' +gc' if m.checkpointing else ''} {m.rows}x{m.seq}" for m in nearest)
     if device == "cpu":
-        peak *= (os.cpu_count() or CPU_CORES_MEASURED) / CPU_CORES_MEASURED
-    tok_s = eff * peak * step.tokens / step_flops(arch, step)
-    how = "extrapolated by FLOPs from " + ", ".join(sorted({f"{m.model} {m.method}" for m in nearest}))
-    if device not in ("cpu", "H200"):
-        how += f" on H200, scaled by bf16 peak ({GPUS[device].bf16_tflops:g} vs 989 TFLOP/s)"
+        how += f" on {CPU_CORES_MEASURED} cores, scaled to {os.cpu_count()}"
+        if step.method == "qlora":
+            how += " (qlora on CPU: as fast as lora, not measured apart)"
+    elif device != "H200":
+        how += f" on the H200, scaled by bf16 peak ({GPUS[device].bf16_tflops:g} vs 989 TFLOP/s)"
     return tok_s, how
 
 
-def _same(arch: Arch, name: str) -> bool:
-    return arch == replace(arch_from_config(ARCHS[name]), note=arch.note)
+def _efficiency(m: Measured) -> float:
+    arch, step = _anchor_step(m)
+    return m.tok_s * step_flops(arch, step) / step.tokens / _peak_flops(m.device, CPU_CORES_MEASURED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,16 +517,12 @@ class Device:
     bf16: bool
 
 
-def detect_device(gpu_mem_bytes: float | None = None, gpu_name: str | None = None) -> Device:
-    """The device to plan for: `gpu_name` (a GPU family, e.g. "A100", "RTX 4090") or the CUDA
-    device present, else this machine's CPU; `gpu_mem_bytes` overrides its memory."""
+def detect_device(gpu_mem_bytes: float | None = None, gpu_name: str | None = None, index: int = 0) -> Device:
+    """The device to plan for: the GPU family `gpu_name` (e.g. "A100", "RTX 4090"), else CUDA device
+    `index` when there is one, else this machine's CPU and RAM. `gpu_mem_bytes` sets the memory (a
+    GPU of that size when nothing else names one)."""
     import torch
 
-    if gpu_name is None and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        family = _gpu_family(props.name) or "H100"
-        memory = gpu_mem_bytes or props.total_memory
-        return Device("cuda", family, props.name, memory, torch.cuda.is_bf16_supported())
     if gpu_name is not None:
         family = _gpu_family(gpu_name)
         if family is None:
@@ -469,8 +530,12 @@ def detect_device(gpu_mem_bytes: float | None = None, gpu_name: str | None = Non
                             f"and --gpu-mem for its memory.")
         gpu = GPUS[family]
         return Device("cuda", family, gpu_name, gpu_mem_bytes or gpu.memory_gib * 1e9, gpu.bf16)
-    if gpu_mem_bytes is not None:  # a GPU of this size, throughput of the nearest measured one
-        return Device("cuda", "H100", f"GPU with {gpu_mem_bytes / GiB:.0f} GiB", gpu_mem_bytes, True)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(index)
+        return Device("cuda", _gpu_family(props.name) or "H100", props.name, gpu_mem_bytes or props.total_memory,
+                      props.major >= 8)
+    if gpu_mem_bytes is not None:
+        return Device("cuda", "H100", "a GPU at H100 speed", gpu_mem_bytes, True)
     from lorakit.models import cpu_has_fast_bf16
 
     return Device("cpu", "cpu", f"CPU ({os.cpu_count()} cores)", _machine_ram(), cpu_has_fast_bf16())
@@ -478,7 +543,7 @@ def detect_device(gpu_mem_bytes: float | None = None, gpu_name: str | None = Non
 
 def _gpu_family(name: str) -> str | None:
     upper = name.upper().replace("NVIDIA", "").replace("GEFORCE", "").strip()
-    if "A100" in upper and ("40G" in upper or "40 G" in upper):
+    if "A100" in upper and "40G" in upper.replace(" ", ""):
         return "A100-40GB"
     for key in sorted(GPUS, key=len, reverse=True):
         if key.upper() in upper:
@@ -487,10 +552,6 @@ def _gpu_family(name: str) -> str | None:
 
 
 def _machine_ram() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -506,58 +567,89 @@ def parse_size(text: str) -> float:
         raise PlanError(f"--gpu-mem {text!r}: give a size like 24GiB, 80GB or 16000MiB") from None
 
 
+def limit_cpu_heap() -> bool:
+    """Make freed CPU tensor memory go back to the OS at once (glibc; a no-op elsewhere).
+
+    glibc serves blocks over M_MMAP_THRESHOLD (128 KiB) with mmap and unmaps them on free, but after
+    each such free it raises the threshold to that block's size, up to 32 MiB. From the first
+    training step on, activations below 32 MiB then come from the heap, which keeps freed memory
+    resident: smollm2-135m at 8 x 128 tokens peaked at 5.1 GiB RSS for 2.9 GiB of tensors, and
+    still held 4.6 GiB after the step. Fixing the threshold at 128 KiB gave a 3.4 GiB peak, 1.0 GiB
+    after the step: RSS = the process + the allocator's peak, which is what `plan` predicts.
+    `train` calls this before the first step on CPU. Returns whether the setting took."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(m_mmap_threshold, 128 * 1024))
+
+
 @dataclass
 class Workload:
-    """The rows one epoch trains on, as the schedule will draw them."""
+    """The rows one epoch trains on, as the schedule draws them."""
 
     rows: int  # rows per epoch (examples, or packed rows)
     tokens: int  # real tokens per epoch
     trained: int  # trained tokens per epoch
-    width: int  # the longest row (the widest micro-batch pads to it)
+    width: int  # the longest row: the widest micro-batch pads to it
     row_trained: int  # the most trained tokens in one row
-    processed: int  # tokens per epoch the model runs, padding included
-    masked: bool  # the model gets a materialised attention mask
+    processed: int  # tokens per epoch the model runs, padding included, at the configured batch size
+    mean_width: float  # mean width of the epoch's micro-batches
+    masked: bool  # the model gets a materialised attention mask (padded or packed rows)
     from_data: bool
-    mean_width: float = 0.0
 
 
 def workload(cfg, rows=None) -> Workload:
-    """From the training rows (`Prepared.rows`; read with the tokenizer when None), or, when the
-    data cannot be read, full rows of data.max_length with every token trained."""
+    """The epoch's rows (`Prepared.rows`, read with the tokenizer when None); when data.train is not
+    set or names no existing file: rows of data.max_length with every token trained."""
     if rows is None:
         rows = _read_rows(cfg)
+    batch = _batch(cfg)
     if rows is None:
-        n = max(cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 8, 1)
         L = cfg.data.max_length
-        return Workload(n, n * L, n * L, L, L, n * L, True, False, L)
-    from lorakit.train.batches import Schedule
+        return Workload(batch, batch * L, batch * L, L, L, batch * L, L, True, False)
+    import torch
 
     lengths, trained = [], []
     for row in rows:
         parts = [row] if hasattr(row, "input_ids") else list(row)
         lengths.append(sum(len(e.input_ids) for e in parts))
         trained.append(sum(sum(1 for t in e.labels[1:] if t != -100) for e in parts))
-    batch = cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 8
-    schedule = Schedule(len(rows), batch, cfg.train.grad_accum, cfg.seed)
-    processed, widths = 0, []
-    for s in range(schedule.steps_per_epoch):
-        for idx in schedule.step_indices(s):
-            w = max(lengths[i] for i in idx)
-            processed += w * len(idx)
-            widths.append(w)
+    # Epoch 0 in the order train/batches.Schedule draws it: a seeded permutation in micro-batches.
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    widths = [max(lengths[i] for i in order[k:k + batch]) for k in range(0, len(order), batch)]
+    processed = sum(w * len(order[k * batch:(k + 1) * batch]) for k, w in enumerate(widths))
     masked = cfg.data.packing or len(set(lengths)) > 1
-    return Workload(len(rows), sum(lengths), sum(trained), max(lengths), max(trained), processed, masked, True,
-                    sum(widths) / len(widths))
+    return Workload(len(rows), sum(lengths), sum(trained), max(lengths), max(trained), processed,
+                    sum(widths) / len(widths), masked, True)
 
 
 def _read_rows(cfg):
+    import glob
+
     from lorakit import data, models
 
-    if not cfg.data.train:
+    paths = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train] if cfg.data.train else []
+    if not any(glob.glob(p) for p in paths):
         return None
     tokenizer = models.load_tokenizer(models.resolve_model(cfg.model), cfg.trust_remote_code)
     train, _, _ = data.prepare_run(cfg, tokenizer)
     return train.rows
+
+
+def _batch(cfg) -> int:
+    return cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else AUTO_BATCH_MAX
+
+
+AUTO_BATCH_MAX = 16  # batch_size: auto picks the largest power of two up to this that fits
+AUTO_LORA_ROWS = 8  # method and batch_size auto: lora when it fits this many rows (or qlora's count)
 
 
 @dataclass
@@ -565,14 +657,14 @@ class Option:
     method: str
     checkpointing: bool
     batch_size: int
-    peak_bytes: float  # total: allocated + runtime
-    allocated_bytes: float
-    memory: dict  # components, bytes
+    peak_bytes: float  # allocated + runtime: what must fit the device
+    allocated_bytes: float  # what torch.cuda.max_memory_allocated would report
+    memory: dict  # components in bytes, and where the peak is
     fits: bool
-    max_batch: int  # largest micro-batch that fits (0: not even one row)
+    max_batch: int  # largest micro-batch that fits (0: not even one row), up to MAX_ROWS
     tok_s: float
     tok_s_source: str
-    epoch_s: float
+    epoch_s: float  # one pass over the training rows at this option's tokens/s
 
     @property
     def label(self) -> str:
@@ -597,8 +689,11 @@ class Plan:
     options: list[Option]
     configured: str  # label of the option the config asks for (auto resolved)
     recommendation: str
-    change: str  # the one-line config change ("" when none is needed)
+    change: str  # the one-line config change; "" when none is needed
     notes: list[str] = field(default_factory=list)
+
+    def option(self, label: str) -> Option:
+        return next(o for o in self.options if o.label == label)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -610,24 +705,26 @@ class Plan:
 MAX_ROWS = 4096
 
 
-def plan(cfg, gpu_mem_bytes: float | None = None, gpu_name: str | None = None, rows=None) -> Plan:
-    """lora / qlora x gradient checkpointing off / on for `cfg` on the given or detected device:
-    peak memory, fit, largest micro-batch, tokens/s, time per epoch, and what to change."""
+def plan(cfg, gpu_mem_bytes: float | None = None, gpu_name: str | None = None, *, rows=None,
+         device: Device | None = None) -> Plan:
+    """lora / qlora x gradient checkpointing off / on for `cfg` on the named, given or detected
+    device: peak memory, fit, largest micro-batch, tokens/s, time per epoch, and what to change.
+    `rows` reuses already prepared training rows (`Prepared.rows`)."""
     arch = load_arch(cfg.model, cfg.trust_remote_code)
-    device = detect_device(gpu_mem_bytes, gpu_name)
+    device = device or detect_device(gpu_mem_bytes, gpu_name)
     work = workload(cfg, rows)
     precision = _precision(cfg.train.precision, device)
-    batch = cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 8
+    batch = _batch(cfg)
     options = [_option(arch, cfg, device, precision, work, batch, method, gc)
                for method in ("lora", "qlora") for gc in (False, True)]
     configured = _configured(cfg, arch, device, options)
     recommendation, change = _recommend(cfg, options, configured, batch)
     notes = [arch.note] if arch.note else []
     if not work.from_data:
-        notes.append(f"no readable data.train: assumed {work.rows} full rows of data.max_length="
-                     f"{cfg.data.max_length}, every token trained")
+        notes.append(f"no data.train file found: assumed rows of data.max_length={cfg.data.max_length} tokens, "
+                     f"every token trained")
     if device.kind == "cpu":
-        notes.append("CPU: memory is peak RSS of the process; time scales the measured 2-core figure by cores")
+        notes.append("CPU: memory is the process's peak RSS (with lorakit's heap setting, plan.limit_cpu_heap)")
     return Plan(cfg.model, {"model_type": arch.model_type, "layers": arch.layers, "hidden": arch.hidden,
                             "vocab": arch.vocab}, arch.params, arch.lora_params(cfg.lora.r, _targets(cfg)),
                 device.label, device.kind, device.memory, precision, asdict(work), options, configured.label,
@@ -640,35 +737,37 @@ def _targets(cfg):
 
 
 def _precision(setting: str, device: Device) -> str:
-    if setting != "auto":
+    if setting != "auto":  # the rule of models.resolve_precision, for a device that may not be here
         return setting
     if device.kind == "cuda":
         return "bf16" if device.bf16 else "fp16"
     return "bf16" if device.bf16 else "fp32"
 
 
-def _step(arch, cfg, device: Device, precision, work: Workload, rows: int, method: str, gc: bool) -> Step:
-    return Step(method, device.kind, precision, gc, rows, work.width,
-                min(rows * work.row_trained, rows * work.width), work.masked, cfg.lora.r, cfg.lora.dropout,
-                _targets(cfg), cfg.quant.double_quant)
+def _step(cfg, device: Device, precision: str, work: Workload, rows: int, method: str, gc: bool,
+          width: int | None = None, trained: int | None = None) -> Step:
+    """The micro-batch of `rows` rows: by default the worst one (every row as wide as the longest,
+    with as many trained tokens as the most trained row)."""
+    width = width or work.width
+    trained = trained or rows * min(work.row_trained, width)
+    return Step(method, device.kind, precision, gc, rows, width, trained, work.masked, cfg.lora.r,
+                cfg.lora.dropout, _targets(cfg), cfg.quant.double_quant)
 
 
 def _option(arch, cfg, device, precision, work, batch, method, gc) -> Option:
-    mem = step_memory(arch, _step(arch, cfg, device, precision, work, batch, method, gc))
-    max_batch = _largest_batch(arch, cfg, device, precision, work, method, gc)
-    mean = Step(method, device.kind, precision, gc, batch, max(1, round(work.mean_width)),
-                max(1, round(batch * work.trained / max(work.rows, 1))), work.masked, cfg.lora.r, cfg.lora.dropout,
-                _targets(cfg), cfg.quant.double_quant)
-    tok_s, source = throughput(arch, mean, device.name)
-    components = {"weights": mem.weights, "adapter": mem.adapter, "activations": mem.activations,
-                  "transient": mem.transient, "runtime": mem.runtime, "peak_at": mem.peak_at}
-    return Option(method, gc, batch, mem.total, mem.allocated, components, mem.total <= device.memory, max_batch,
-                  tok_s, source, work.processed * math.ceil(cfg.train.epochs) / tok_s if tok_s else math.inf)
+    mem = step_memory(arch, _step(cfg, device, precision, work, batch, method, gc))
+    typical = _step(cfg, device, precision, work, batch, method, gc, width=max(1, round(work.mean_width)),
+                    trained=max(1, round(batch * work.trained / work.rows)))
+    tok_s, source = throughput(arch, typical, device.name)
+    parts = {k: getattr(mem, k) for k in ("weights", "adapter", "activations", "transient", "runtime")}
+    return Option(method, gc, batch, mem.total, mem.allocated, {**parts, "peak_at": mem.peak_at},
+                  mem.total <= device.memory, _largest_batch(arch, cfg, device, precision, work, method, gc),
+                  tok_s, source, work.processed / tok_s)
 
 
 def _largest_batch(arch, cfg, device, precision, work, method, gc) -> int:
-    def fits(rows):
-        return step_memory(arch, _step(arch, cfg, device, precision, work, rows, method, gc)).total <= device.memory
+    def fits(rows: int) -> bool:
+        return step_memory(arch, _step(cfg, device, precision, work, rows, method, gc)).total <= device.memory
 
     if not fits(1):
         return 0
@@ -692,73 +791,85 @@ def _configured(cfg, arch: Arch, device: Device, options: list[Option]) -> Optio
     return _find(options, method, gc)
 
 
-def _find(options, method, gc) -> Option:
+def _find(options: list[Option], method: str, gc: bool) -> Option:
     return next(o for o in options if o.method == method and o.checkpointing == gc)
 
 
 def _recommend(cfg, options: list[Option], configured: Option, batch: int) -> tuple[str, str]:
+    """The fastest option that fits at the configured micro-batch, or, when none does, the one that
+    fits the most rows, with the micro-batch split into accumulation steps."""
     fitting = [o for o in options if o.fits]
     if fitting:
         best = max(fitting, key=lambda o: o.tok_s)
-        if configured.fits and (best is configured or configured.tok_s >= 0.95 * best.tok_s):
-            spare = (configured.max_batch and f"; micro-batch up to {configured.max_batch} fits") or ""
-            return f"{configured.label} fits as configured{spare}", ""
-        why = "the configured setup does not fit" if not configured.fits else \
-            f"{best.tok_s / configured.tok_s:.1f}x the tokens/s of {configured.label}"
+        if configured.fits and configured.tok_s >= 0.95 * best.tok_s:
+            more = f"; micro-batches up to {configured.max_batch} rows fit" if configured.max_batch > batch else ""
+            return f"keep {configured.label}: it fits as configured{more}", ""
+        why = (f"{configured.label} does not fit" if not configured.fits
+               else f"{best.tok_s / configured.tok_s:.2f}x the tokens/s of {configured.label}")
         return f"use {best.label}: {why}", best.change
     usable = [o for o in options if o.max_batch > 0]
     if not usable:
-        return "nothing fits even one row: use a smaller model, a shorter data.max_length or a larger device", ""
-    best = max(usable, key=lambda o: (o.max_batch, o.tok_s))
-    rows = _pow2_below(best.max_batch)
+        return ("nothing fits even one row: use a smaller model, a shorter data.max_length or a larger device", "")
+    best = max(usable, key=lambda o: (o.max_batch >= batch, o.tok_s, o.max_batch))
+    rows = _pow2_at_most(best.max_batch)
     accum = cfg.train.grad_accum * math.ceil(batch / rows)
-    return (f"use {best.label} with micro-batch {rows} x {accum} accumulation (the same rows per step)",
+    return (f"use {best.label} with micro-batch {rows} x {accum} accumulation steps (as many rows per step)",
             f"{best.change} train.batch_size={rows} train.grad_accum={accum}")
 
 
-def _pow2_below(n: int) -> int:
+def _pow2_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
 def resolve_auto(cfg, device, rows=None) -> tuple[str, int, str]:
-    """(method, batch_size, reason) for `method: auto` and `train.batch_size: auto` on the torch
-    device train runs on: lora when it fits, else qlora; the largest micro-batch up to 16 rows that
-    fits (a power of two). Values the config fixes are kept."""
-    if device.type == "cuda":
-        import torch
-
-        dev = detect_device(torch.cuda.get_device_properties(device.index or 0).total_memory)
-        dev = detect_device(gpu_name=torch.cuda.get_device_name(device.index or 0), gpu_mem_bytes=dev.memory)
-    else:
-        dev = detect_device() if device.type == "cpu" else None
-    if dev is None:
-        raise PlanError(f"method/batch_size auto: no memory model for device {device}; set them explicitly.")
+    """(method, batch_size, reason) for `method: auto` and `train.batch_size: auto` on `device` (the
+    torch.device train runs on, or a plan.Device): lora when its micro-batch fits, else qlora; the
+    largest power-of-two micro-batch up to AUTO_BATCH_MAX that fits. Values the config sets are
+    kept. `rows`: the prepared training rows, so that the data is not read twice."""
     if cfg.method != "auto" and cfg.train.batch_size != "auto":
-        return cfg.method, cfg.train.batch_size, "set in the config"
-    p = plan(cfg, dev.memory if dev.kind == "cuda" else None, dev.label if dev.kind == "cuda" else None, rows)
-    gc = next(o for o in p.options if o.label == p.configured).checkpointing
-    method = cfg.method
-    if method == "auto":
-        method = "lora" if _find(p.options, "lora", gc).max_batch >= _min_rows(cfg) else "qlora"
-    chosen = _find(p.options, method, gc)
-    if cfg.train.batch_size == "auto":
-        if chosen.max_batch == 0:
-            raise PlanError(f"{chosen.label} does not fit one row of {p.workload['width']} tokens in "
-                            f"{p.device_memory / GiB:.1f} GiB; shorten data.max_length or use a smaller model.")
-        batch = min(_pow2_below(chosen.max_batch), 16)
+        return cfg.method, cfg.train.batch_size, "method and train.batch_size are set in the config"
+    if isinstance(device, Device):
+        target = device
+    elif device.type == "cuda":
+        target = detect_device(index=device.index or 0)
+    elif device.type == "cpu":
+        target = _cpu_device()
     else:
-        batch = cfg.train.batch_size
-    reason = (f"method {method}, micro-batch {batch}: {chosen.label} needs {_gib(chosen.peak_bytes)} at "
-              f"micro-batch {chosen.batch_size} of {_gib(p.device_memory)} on {p.device} and fits up to "
-              f"{chosen.max_batch} rows")
-    if cfg.method == "auto" and method == "qlora":
-        lora = _find(p.options, "lora", gc)
-        reason += f" (lora fits only {lora.max_batch} rows)"
-    return method, batch, reason
+        raise PlanError(f"method/batch_size auto: lorakit has no memory model for {device}; set method and "
+                        f"train.batch_size explicitly.")
+    p = plan(cfg, rows=rows, device=target)
+    configured = p.option(p.configured)
+    method, gc = configured.method, configured.checkpointing
+    if cfg.method == "auto":
+        lora, qlora = _find(p.options, "lora", gc), _find(p.options, "qlora", gc)
+        needed = cfg.train.batch_size
+        if needed == "auto":  # lora when it fits the default micro-batch, or as many rows as qlora
+            needed = min(AUTO_LORA_ROWS, _pow2_at_most(qlora.max_batch)) if qlora.max_batch else 1
+        method = "lora" if lora.max_batch >= needed else "qlora"
+    chosen = _find(p.options, method, gc)
+    if chosen.max_batch == 0:
+        raise PlanError(f"{chosen.label} does not fit one row of {p.workload['width']} tokens in "
+                        f"{_gib(p.device_memory)} of {p.device}; shorten data.max_length or use a smaller model.")
+    batch = cfg.train.batch_size
+    if batch == "auto":
+        batch = min(_pow2_at_most(chosen.max_batch), AUTO_BATCH_MAX)
+    parts = []
+    if cfg.method == "auto":
+        parts.append(f"method {method}: lora fits {_rows(lora.max_batch)} of {p.workload['width']} tokens, "
+                     f"qlora {_rows(qlora.max_batch)}")
+    if cfg.train.batch_size == "auto":
+        parts.append(f"batch_size {batch}: {chosen.label} fits up to {_rows(chosen.max_batch)}")
+    return method, batch, "; ".join(parts) + f" in {_gib(p.device_memory)} of {p.device}"
 
 
-def _min_rows(cfg) -> int:
-    return cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 1
+def _rows(n: int) -> str:
+    return f"{n} row" + ("" if n == 1 else "s")
+
+
+def _cpu_device() -> Device:
+    from lorakit.models import cpu_has_fast_bf16
+
+    return Device("cpu", "cpu", f"CPU ({os.cpu_count()} cores)", _machine_ram(), cpu_has_fast_bf16())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,40 +879,43 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n < 100 * GiB else f"{n / GiB:.0f} GiB"
 
 
-def _duration(s: float) -> str:
-    if not math.isfinite(s):
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
         return "-"
-    if s < 90:
-        return f"{s:.0f}s"
-    if s < 5400:
-        return f"{s / 60:.0f}m"
-    return f"{s / 3600:.1f}h"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 def format_plan(p: Plan) -> str:
-    """A readable table of the four options, the memory of the configured one, and the advice."""
+    """The four options as a table, the memory of the configured one by part, and the advice."""
     w = p.workload
-    source = "data" if w["from_data"] else "assumed"
     lines = [
-        f"lorakit plan: {p.model} ({p.arch['model_type']}, {p.params / 1e6:,.0f}M params, {p.arch['layers']} layers, "
-        f"LoRA {p.lora_params / 1e6:.1f}M) on {p.device}, {_gib(p.device_memory)}, {p.precision}",
-        f"{source}: {w['rows']:,} rows, {w['tokens']:,} tokens ({w['trained']:,} trained), longest row "
-        f"{w['width']:,}; {w['processed']:,} tokens per epoch with padding",
+        f"lorakit plan: {p.model} ({p.arch['model_type']}, {p.params / 1e6:,.0f}M params, LoRA "
+        f"{p.lora_params / 1e6:.1f}M) on {p.device}, {_gib(p.device_memory)}, {p.precision}",
+        f"{'data' if w['from_data'] else 'assumed'}: {w['rows']:,} rows, {w['tokens']:,} tokens "
+        f"({w['trained']:,} trained), longest row {w['width']:,}; {w['processed']:,} tokens per epoch with padding",
         "",
-        f"  {'':2}{'option':26}{'peak memory':>12}  {'fits':4}  {'max batch':>9}  {'tokens/s':>9}  {'epoch':>6}",
+        f"   {'option':25} {'peak memory':>11}  {'fits':4}  {'max batch':>9}  {'tokens/s':>9}  {'epoch':>6}",
     ]
     for o in p.options:
         mark = "->" if o.label == p.configured else ""
-        est = "" if o.tok_s_source.startswith("measured") else "~"
-        lines.append(f"  {mark:2}{o.label:26}{_gib(o.peak_bytes):>12}  {'yes' if o.fits else 'NO':4}  "
-                     f"{o.max_batch:>9}  {est + f'{o.tok_s:,.0f}':>9}  {_duration(o.epoch_s):>6}")
-    c = next(o for o in p.options if o.label == p.configured)
+        tok_s = ("" if o.tok_s_source.startswith("measured") else "~") + f"{o.tok_s:,.0f}"
+        lines.append(f"{mark:2} {o.label:25} {_gib(o.peak_bytes):>11}  {'yes' if o.fits else 'NO':4}  "
+                     f"{o.max_batch:>9}  {tok_s:>9}  {_duration(o.epoch_s):>6}")
+    c = p.option(p.configured)
     m = c.memory
-    lines += ["", f"at micro-batch {c.batch_size} ({c.label}): weights {_gib(m['weights'])} + adapter and AdamW "
-              f"{_gib(m['adapter'])} + activations {_gib(m['activations'])} + {m['peak_at']} peak "
-              f"{_gib(m['transient'])} + runtime {_gib(m['runtime'])}",
-              f"tokens/s: {c.tok_s_source}{' (~ = extrapolated)' if not c.tok_s_source.startswith('measured') else ''}",
-              "", f"recommendation: {p.recommendation}"]
+    lines += [
+        "",
+        f"-> = as configured. At micro-batch {c.batch_size} it needs: weights {_gib(m['weights'])} + adapter and "
+        f"AdamW {_gib(m['adapter'])} + activations {_gib(m['activations'])} + {m['peak_at']} "
+        f"{_gib(m['transient'])} + runtime {_gib(m['runtime'])}",
+        f"tokens/s: {c.tok_s_source}" + ("" if c.tok_s_source.startswith("measured") else " (~: estimated)"),
+        "",
+        f"recommendation: {p.recommendation}",
+    ]
     if p.change:
         lines.append(f"  lorakit train CONFIG {p.change}")
     lines += [f"note: {n}" for n in p.notes]

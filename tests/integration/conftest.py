@@ -36,7 +36,7 @@ def overfit_config(tmp_path) -> Path:
 # Suites written this session whose full run was not yet seen passing on an idle machine (the
 # 2-core box was saturated by parallel work). `make test` skips them via -m "not wip"; `make test-all`
 # runs them. Next session: run `make test-all`, fix, and empty this list.
-UNVERIFIED_FILES = {"test_eval_report.py", "test_export.py", "test_serve.py", "test_chat.py"}
+UNVERIFIED_FILES = {"test_eval_report_browser.py", "test_export_roundtrip.py", "test_serve.py", "test_chat.py"}
 UNVERIFIED_TESTS = {"test_gradient_accumulation_equals_one_big_batch"}  # failed once under load: investigate
 
 

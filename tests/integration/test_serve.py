@@ -92,3 +92,16 @@ def test_twenty_concurrent_requests_queue_and_all_get_answers(client, server):
     assert len(answers) == 20 and all(answers)
     assert server.generating.acquire(blocking=False)  # nothing left holding the generation lock
     server.generating.release()
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(client, server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=300)
+    body = {"messages": [{"role": "user", "content": "Count from 1 to 1000, one number a line."}],
+            "max_tokens": 4000, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert conn.getresponse().read(200).startswith(b"data: ")
+    conn.close()
+    # Without the stop, the lock would stay held for up to 4000 tokens (minutes on CPU).
+    assert server.generating.acquire(timeout=60)
+    server.generating.release()
+    assert client.chat.completions.create(model="m", messages=QUESTION, max_tokens=2, temperature=0).choices

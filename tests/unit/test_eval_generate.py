@@ -1,10 +1,14 @@
 """The eval decode loop on a tiny random model: greedy equals transformers' generate, rows that stop
-leave the batch without changing the others, sampling is seeded, the adapter switch works."""
+leave the batch without changing the others, the reference loss is the training loss, sampling is
+seeded, the adapter switch works."""
 
 import pytest
 import torch
 
-from lorakit.eval.generate import Sampling, generate
+from lorakit.data.render import IGNORE, render
+from lorakit.eval.generate import Prompt, Sampling, generate
+from lorakit.train.batches import collate, trained_tokens
+from lorakit.train.loss import loss_sum
 
 PROMPTS = [[{"role": "user", "content": text}] for text in
            ("Hi.", "What is the capital of France?", "Count to three.", "Say something long about the sea.")]
@@ -21,10 +25,14 @@ def peft_model(tiny_model_dir):
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
 
 
+def _prompts(tokenizer) -> list[Prompt]:
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in PROMPTS]
+    return [Prompt(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
 def _reference(model, tokenizer, stop_ids, max_new_tokens):
     """transformers' own batched greedy generate over the same left-padded batch."""
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in PROMPTS]
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    enc = [p.ids for p in _prompts(tokenizer)]
     width, pad = max(map(len, enc)), tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
@@ -45,14 +53,14 @@ def _ids(tokenizer, gens):
 def test_greedy_matches_transformers_generate_also_when_rows_stop(peft_model, smol_tokenizer):
     never = [len(smol_tokenizer) - 1]
     ref = _reference(peft_model, smol_tokenizer, never, 12)
-    gens = generate(peft_model, smol_tokenizer, PROMPTS, stop_ids=never, max_new_tokens=12, batch_size=4)
+    gens = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), stop_ids=never, max_new_tokens=12, batch_size=4)
     assert [g.new_tokens for g in gens] == [12] * 4 and not any(g.stopped for g in gens)
     assert _ids(smol_tokenizer, gens) == [smol_tokenizer(smol_tokenizer.decode(r, skip_special_tokens=True),
                                                          add_special_tokens=False)["input_ids"] for r in ref]
 
     stop = [ref[1][2]]  # the token row 1 emits third: row 1 (and any row emitting it) leaves the batch early
     ref = _reference(peft_model, smol_tokenizer, stop, 12)
-    gens = generate(peft_model, smol_tokenizer, PROMPTS, stop_ids=stop, max_new_tokens=12, batch_size=4)
+    gens = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), stop_ids=stop, max_new_tokens=12, batch_size=4)
     assert gens[1].stopped and gens[1].new_tokens == 2
     assert [g.new_tokens for g in gens] == [len(r) for r in ref]
     assert [g.text for g in gens] == [smol_tokenizer.decode(r, skip_special_tokens=True) for r in ref]
@@ -60,17 +68,36 @@ def test_greedy_matches_transformers_generate_also_when_rows_stop(peft_model, sm
 
 def test_adapter_switch_and_batching(peft_model, smol_tokenizer):
     kwargs = dict(stop_ids=[smol_tokenizer.eos_token_id], max_new_tokens=8)
-    tuned = generate(peft_model, smol_tokenizer, PROMPTS, batch_size=4, **kwargs)
-    base = generate(peft_model, smol_tokenizer, PROMPTS, batch_size=4, adapter=False, **kwargs)
+    tuned = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), batch_size=4, **kwargs)
+    base = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), batch_size=4, adapter=False, **kwargs)
     assert [g.text for g in base] != [g.text for g in tuned]
-    one_by_one = generate(peft_model, smol_tokenizer, PROMPTS, batch_size=1, **kwargs)
+    one_by_one = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), batch_size=1, **kwargs)
     assert [g.text for g in one_by_one] == [g.text for g in tuned]  # results come back in input order
 
 
 def test_sampling_is_seeded(peft_model, smol_tokenizer):
     def run(seed):
-        return [g.text for g in generate(peft_model, smol_tokenizer, PROMPTS, stop_ids=[smol_tokenizer.eos_token_id],
+        return [g.text for g in generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), stop_ids=[smol_tokenizer.eos_token_id],
                                          max_new_tokens=8, batch_size=2,
                                          sampling=Sampling(temperature=1.0, top_p=0.9, seed=seed))]
 
     assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_reference_loss_is_the_training_loss_and_leaves_generation_unchanged(peft_model, smol_tokenizer):
+    answers = ["Hello there.", "Paris.", "One, two, three.", "The sea is wide and deep and full of fish."]
+    prompts, expected = [], []
+    for messages, answer in zip(PROMPTS, answers):
+        rendered = render(smol_tokenizer, [*messages, {"role": "assistant", "content": answer}])
+        start = rendered.turn_starts[-1]
+        prompts.append(Prompt(rendered.input_ids[:start], rendered.input_ids[start:],
+                              [label != IGNORE for label in rendered.labels[start:]]))
+        batch = collate([rendered], smol_tokenizer.pad_token_id)
+        with torch.no_grad():
+            expected.append((loss_sum(peft_model, batch).item(), trained_tokens(batch["labels"])))
+    kwargs = dict(stop_ids=[smol_tokenizer.eos_token_id], max_new_tokens=8, batch_size=4)
+    gens = generate(peft_model, smol_tokenizer, prompts, **kwargs)
+    assert [g.loss_tokens for g in gens] == [n for _, n in expected]
+    assert [g.loss for g in gens] == pytest.approx([loss for loss, _ in expected], rel=1e-4)
+    plain = generate(peft_model, smol_tokenizer, [Prompt(p.ids) for p in prompts], **kwargs)
+    assert [g.text for g in gens] == [g.text for g in plain] and all(g.loss_tokens == 0 for g in plain)

@@ -20,10 +20,10 @@ def _rows():
     outputs = [("Sure! " + EVIL, REFS[0]), ('{"category": "billing"}', REFS[1]), (REFS[2], '{"category": "x"}')]
     rows = []
     for i, (ref, (base, tuned)) in enumerate(zip(REFS, outputs)):
-        gens = {"base": Generation(base, 30, False), "tuned": Generation(tuned, 12, True)}
-        losses = {"base": (6.0, 4), "tuned": (2.0, 4)}
+        gens = {"base": Generation(base, 30, False, loss=6.0, loss_tokens=4),
+                "tuned": Generation(tuned, 12, True, loss=2.0, loss_tokens=4)}
         rows.append(score_row(f"eval.jsonl:{i + 1}", [{"role": "user", "content": f"ticket {i} {EVIL}"}], ref, gens,
-                              losses, names))
+                              names))
     return rows, names
 
 

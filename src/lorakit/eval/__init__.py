@@ -15,13 +15,11 @@ from pathlib import Path
 
 from lorakit import console, models
 from lorakit.config import load_config
-from lorakit.data.formats import Example
 from lorakit.data.load import read_examples
-from lorakit.data.render import eot_token_ids, render_example
+from lorakit.data.render import IGNORE, eot_token_ids, render
 from lorakit.errors import LorakitError
 from lorakit.eval import report
-from lorakit.eval.generate import Sampling, generate
-from lorakit.eval.loss import reference_losses
+from lorakit.eval.generate import Prompt, Sampling, generate
 from lorakit.eval.metrics import pick_metrics
 from lorakit.eval.score import ARMS, score_row, summarize
 
@@ -30,7 +28,7 @@ from lorakit.eval.score import ARMS, score_row, summarize
 class Case:
     """One held-out example: the messages before its last assistant turn, and that turn's content."""
 
-    example: Example
+    source: str
     prompt: list[dict]
     reference: str
 
@@ -57,14 +55,12 @@ def evaluate(run_dir: str | Path, prompts: str | None = None, limit: int | None 
     cases = _cases(source, cfg, limit or cfg.eval.limit)
     names = pick_metrics([c.reference for c in cases], metrics)
     model, tokenizer, template = _load_tuned(cfg, run)
-    settings = dict(stop_ids=eot_token_ids(tokenizer, template), template=template, sampling=sampling,
+    settings = dict(stop_ids=eot_token_ids(tokenizer, template), sampling=sampling,
                     max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
                     batch_size=batch_size or cfg.eval.batch_size)
-    outputs = {arm: generate(model, tokenizer, [c.prompt for c in cases], adapter=arm == "tuned", **settings)
-               for arm in ARMS}
-    losses = _losses(model, tokenizer, cfg, template, cases) if {"loss", "perplexity"} & set(names) else None
-    rows = [score_row(c.example.source, c.prompt, c.reference, {arm: outputs[arm][i] for arm in ARMS},
-                      None if losses is None else {arm: losses[arm][i] for arm in ARMS}, names)
+    encoded = [_encode(tokenizer, c, template, with_loss="loss" in names or "perplexity" in names) for c in cases]
+    outputs = {arm: generate(model, tokenizer, encoded, adapter=arm == "tuned", **settings) for arm in ARMS}
+    rows = [score_row(c.source, c.prompt, c.reference, {arm: outputs[arm][i] for arm in ARMS}, names)
             for i, c in enumerate(cases)]
     summary = summarize(rows, names, seed)
     summary |= {"n": len(cases), "seconds": round(time.time() - started, 1),
@@ -100,7 +96,7 @@ def _cases(source: str | Path, cfg, limit: int | None) -> list[Case]:
             raise LorakitError(f"{ex.source}: a plain-text example has no prompt to answer; evaluate on "
                                "conversations or prompt/completion examples (--prompts FILE)")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        cases.append(Case(ex, messages[:last], messages[last]["content"]))
+        cases.append(Case(ex.source, messages[:last], messages[last]["content"]))
         if limit and len(cases) >= limit:
             break
     return cases
@@ -119,10 +115,16 @@ def _load_tuned(cfg, run: Path):
     return model, tokenizer, template
 
 
-def _losses(model, tokenizer, cfg, template, cases: list[Case]) -> dict[str, list[tuple[float, int]]]:
-    """Each arm's (summed loss, tokens) per case, with the examples rendered as training renders them."""
-    rendered = [render_example(tokenizer, c.example, loss_on=cfg.data.loss_on, template=template) for c in cases]
-    return {arm: reference_losses(model, rendered, tokenizer.pad_token_id, adapter=arm == "tuned") for arm in ARMS}
+def _encode(tokenizer, case: Case, template: str | None, with_loss: bool) -> Prompt:
+    """The prompt's token ids as training renders them, and the reference answer after them with its
+    training mask (the answer and its end-of-turn token), which the loss is taken over."""
+    messages = [*case.prompt, {"role": "assistant", "content": case.reference}]
+    rendered = render(tokenizer, messages, template=template, source=case.source)
+    start = rendered.turn_starts[-1]  # the reference's first trained token: everything before is prompt
+    if not with_loss:
+        return Prompt(rendered.input_ids[:start])
+    return Prompt(rendered.input_ids[:start], rendered.input_ids[start:],
+                  [label != IGNORE for label in rendered.labels[start:]])
 
 
 def _write(run: Path, rows: list[dict], summary: dict) -> None:

@@ -1,15 +1,31 @@
-"""Batched generation from chat prompts, with the adapter on or off in the same model.
+"""Batched generation from token prompts, with the adapter on or off in the same model, and the
+teacher-forced loss of each prompt's reference answer from the same prompt pass.
 
-A small decode loop instead of `model.generate`: a row that emits an end-of-turn token leaves the
-batch at once (its KV-cache row is dropped), so finished answers cost nothing while the rest of the
-batch keeps generating. With `generate` they are computed to the end of the longest row: on the demo
-task that is most of the tuned model's decode work. Greedy decoding gives the same tokens.
+A small decode loop instead of `model.generate`, for two savings that keep greedy results the same:
+- the prompt is run once for both the loss and the generation: after the prefill, the reference
+  tokens are fed after the prompt (their logits give the loss), then cut from the KV cache again
+  before decoding starts, so decoding sees exactly the prompt's cache;
+- a row that emits an end-of-turn token leaves the batch at once (its KV-cache row is dropped),
+  so finished answers cost nothing while the rest of the batch keeps generating.
 """
 
+from __future__ import annotations
+
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Prompt:
+    """Token ids ending with the generation prompt; optionally the reference answer that follows them
+    in the rendered example, and which of its tokens the training mask trains (they make the loss)."""
+
+    ids: list[int]
+    reference: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -17,6 +33,8 @@ class Generation:
     text: str
     new_tokens: int
     stopped: bool  # ended on an end-of-turn token before max_new_tokens
+    loss: float = 0.0  # summed cross-entropy over the reference's trained tokens
+    loss_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -30,61 +48,124 @@ class Sampling:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[dict]], *, stop_ids: list[int], max_new_tokens: int,
-             batch_size: int, template: str | None = None, adapter: bool = True,
-             sampling: Sampling = Sampling()) -> list[Generation]:
-    """One Generation per prompt (a message list ending before the answer), in input order.
+def generate(model, tokenizer, prompts: list[Prompt], *, stop_ids: list[int], max_new_tokens: int,
+             batch_size: int, adapter: bool = True, sampling: Sampling = Sampling()) -> list[Generation]:
+    """One Generation per prompt, in input order.
 
     `model` is a PeftModel; `adapter=False` disables its adapter, so base and tuned share one copy of
     the weights. Prompts are sorted by length and left-padded so each batch wastes little.
     """
-    texts = [tokenizer.apply_chat_template(p, chat_template=template, add_generation_prompt=True, tokenize=False)
-             for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    results: list[Generation | None] = [None] * len(encoded)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    results: list[Generation | None] = [None] * len(prompts)
     pick = _picker(sampling, next(model.parameters()).device)
     model.eval()
     with model.disable_adapter() if not adapter else contextlib.nullcontext():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            rows = _decode(model.get_base_model(), [encoded[i] for i in idx], tokenizer.pad_token_id, stop_ids,
-                           max_new_tokens, pick)
-            for i, (ids, stopped) in zip(idx, rows):
-                results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), stopped)
+            batch = _Batch(model.get_base_model(), [prompts[i] for i in idx], tokenizer.pad_token_id)
+            for i, (ids, stopped, loss, n) in zip(idx, batch.run(stop_ids, max_new_tokens, pick)):
+                results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), stopped, loss, n)
     return results
 
 
-def _decode(model, batch: list[list[int]], pad_id: int, stop_ids: list[int], max_new_tokens: int, pick):
-    """(new token ids without the stop token, stopped) for each row of `batch`."""
-    from transformers import DynamicCache
+class _Batch:
+    """One left-padded batch: prefill, the reference loss, then decoding until every row has stopped."""
 
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in batch)
-    step = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate(): left padding does not shift positions
-    cache, stop = DynamicCache(config=model.config), torch.tensor(stop_ids, device=device)
-    live = list(range(len(batch)))  # the batch row each cache row belongs to
-    tokens, stopped = [[] for _ in batch], [False] * len(batch)
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-        chosen = pick(logits)
-        done = torch.isin(chosen, stop)
-        for row, token, ended in zip(live, chosen.tolist(), done.tolist()):
-            stopped[row] |= ended
-            tokens[row] += [] if ended else [token]
-        keep = (~done).nonzero().squeeze(1)
-        if len(keep) == 0:
-            break
-        if len(keep) < len(live):
-            cache.batch_select_indices(keep)
-            live = [live[k] for k in keep.tolist()]
-            chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        positions, step = positions[:, -1:] + 1, chosen[:, None]
-    return list(zip(tokens, stopped))
+    def __init__(self, model, prompts: list[Prompt], pad_id: int):
+        from transformers import DynamicCache
+
+        self.model, self.prompts, self.pad_id = model, prompts, pad_id
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+
+    def _tensor(self, rows) -> torch.Tensor:
+        return torch.tensor(rows, device=self.device)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int = 1):
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                          use_cache=True, logits_to_keep=keep).logits
+
+    def run(self, stop_ids: list[int], max_new_tokens: int, pick):
+        """(new token ids without the stop token, stopped, reference loss, reference tokens) per row."""
+        logits = self._prefill()
+        losses = self._reference_loss(logits) if any(p.reference for p in self.prompts) else [(0.0, 0)] * len(
+            self.prompts)
+        tokens, stopped = self._decode(logits, stop_ids, max_new_tokens, pick)
+        return [(t, s, loss, n) for t, s, (loss, n) in zip(tokens, stopped, losses)]
+
+    def _prefill(self) -> torch.Tensor:
+        """Fill the cache with the prompts; the logits after each prompt's last token.
+
+        The tokens every prompt starts with (system prompt, template header: often a third of a prompt)
+        are run once and their cache repeated for each row; each row's rest follows, left-padded, so
+        the padding sits between the shared part and the rest, masked out, with positions that skip it.
+        """
+        prompts = [p.ids for p in self.prompts]
+        shared = _shared_prefix(prompts, max(min(map(len, prompts)) - 1, 0))
+        if shared:
+            head = self._tensor([prompts[0][:shared]])
+            self._forward(head, torch.ones_like(head), torch.arange(shared, device=self.device)[None])
+            self.cache.batch_repeat_interleave(len(prompts))
+        rest = [ids[shared:] for ids in prompts]
+        width = max(map(len, rest))
+        ids = self._tensor([[self.pad_id] * (width - len(r)) + r for r in rest])
+        mask = self._tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest])
+        self.positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # as generate(): padding does not shift them
+        self.mask = torch.cat([mask.new_ones(len(rest), shared), mask], dim=1)
+        return self._forward(ids, self.mask, self.positions)[:, -1]
+
+    def _reference_loss(self, first: torch.Tensor) -> list[tuple[float, int]]:
+        """Feed each row's reference after its prompt; Σ cross-entropy over its trained tokens. The
+        prompt's last logits predict the first reference token. The cache is cut back to the prompt."""
+        refs = [p.reference for p in self.prompts]
+        length = max(len(r) for r in refs)
+        ids = self._tensor([r + [self.pad_id] * (length - len(r)) for r in refs])
+        trained = self._tensor([p.trained + [False] * (length - len(p.trained)) for p in self.prompts])
+        logits = first[:, None]
+        if length > 1:
+            real = self._tensor([[1] * len(r) + [0] * (length - len(r)) for r in refs])
+            steps = torch.arange(1, length, device=self.device)
+            rest = self._forward(ids[:, :-1], torch.cat([self.mask, real[:, :-1]], dim=1),
+                                 self.positions[:, -1:] + steps, keep=0)
+            self.cache.crop(-(length - 1))
+            logits = torch.cat([logits, rest], dim=1)
+        out = []
+        for row in range(len(refs)):  # row by row: one row's fp32 logits at a time
+            nll = F.cross_entropy(logits[row].float(), ids[row], reduction="none")
+            out.append((float(nll[trained[row]].sum()), int(trained[row].sum())))
+        return out
+
+    def _decode(self, logits: torch.Tensor, stop_ids: list[int], max_new_tokens: int, pick):
+        n = len(self.prompts)
+        stop = self._tensor(stop_ids)
+        mask, positions = self.mask, self.positions[:, -1:]
+        live = list(range(n))  # the batch row each cache row belongs to
+        tokens, stopped = [[] for _ in range(n)], [False] * n
+        for step in range(max_new_tokens):
+            chosen = pick(logits)
+            done = torch.isin(chosen, stop)
+            for row, token, ended in zip(live, chosen.tolist(), done.tolist()):
+                stopped[row] |= ended
+                tokens[row] += [] if ended else [token]
+            keep = (~done).nonzero().squeeze(1)
+            if len(keep) == 0 or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(live):
+                self.cache.batch_select_indices(keep)
+                live = [live[k] for k in keep.tolist()]
+                chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            positions = positions + 1
+            logits = self._forward(chosen[:, None], mask, positions)[:, -1]
+        return tokens, stopped
+
+
+def _shared_prefix(rows: list[list[int]], limit: int) -> int:
+    """How many leading tokens all rows have in common, at most `limit`."""
+    n = 0
+    while n < limit and all(row[n] == rows[0][n] for row in rows):
+        n += 1
+    return n
 
 
 def _picker(sampling: Sampling, device: torch.device):
@@ -100,6 +181,8 @@ def _picker(sampling: Sampling, device: torch.device):
             # drop a token when the more likely ones already cover top_p (the first always stays)
             sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p] = 0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # argmax of p / Exp(1) noise draws token i with probability p_i: torch.multinomial, but much
+        # faster over a whole vocabulary on CPU
+        return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
     return sample

@@ -14,23 +14,20 @@ ARMS = ("base", "tuned")
 
 
 def score_row(source: str, prompt: list[dict], reference: str, gens: dict[str, Generation],
-              losses: dict[str, tuple[float, int]] | None, names: list[str]) -> dict:
+              names: list[str]) -> dict:
     """One prompt: its reference, each arm's output and its score on every metric in `names`.
 
-    `losses` maps each arm to (summed loss, tokens) over the reference; per prompt `loss` is the mean
-    per token and `reference_tokens` the count that weighs it in the summary.
+    Per prompt, `loss` is the mean over the reference's trained tokens; `reference_tokens` is their
+    count, which weighs the prompt in the summary's loss.
     """
-    row = {"source": source, "prompt": prompt, "reference": reference}
-    if losses is not None:
-        row["reference_tokens"] = losses["base"][1]
+    row = {"source": source, "prompt": prompt, "reference": reference,
+           "reference_tokens": gens["base"].loss_tokens}
     for arm in ARMS:
         g = gens[arm]
-        scores = {"stop_rate": float(g.stopped), "length": float(g.new_tokens)}
+        loss = g.loss / max(g.loss_tokens, 1)
+        scores = {"stop_rate": float(g.stopped), "length": float(g.new_tokens), "loss": loss,
+                  "perplexity": math.exp(loss)}
         scores |= {n: METRICS[n].score(g.text, reference) for n in names if METRICS[n].score}
-        if losses is not None:
-            total, tokens = losses[arm]
-            scores["loss"] = total / max(tokens, 1)
-            scores["perplexity"] = math.exp(scores["loss"])
         row[arm] = {"output": g.text, "new_tokens": g.new_tokens, "stopped": g.stopped,
                     "scores": {n: scores[n] for n in names}}
         if "field_accuracy" in names:

@@ -10,6 +10,8 @@ TEMPLATE and Ollama falls back to the chat template stored in the GGUF.
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
+
 from lorakit import console
 from lorakit.export.merge import adds_bos
 
@@ -64,10 +66,13 @@ def match_family(tokenizer) -> tuple[Family, str | None] | None:
             text = text[len(bos):]
         return text
 
+    try:
+        with_system, alone = jinja([_SYSTEM, *_TALK]), jinja(_TALK)
+    except jinja2.TemplateError:  # a template that refuses a system message is none of ours
+        return None
     for family in FAMILIES:
-        if jinja([_SYSTEM, *_TALK]) != family.render(_SYSTEM["content"], _TALK):
+        if with_system != family.render(_SYSTEM["content"], _TALK):
             continue
-        alone = jinja(_TALK)
         default = family.default_system(alone) if alone != family.render(None, _TALK) else None
         if alone == family.render(default, _TALK):
             return family, default
