@@ -44,6 +44,20 @@ def check(config: Config | str | Path, dump_tokens: str | Path | None = None) ->
     return report
 
 
+def plan(config: Config | str | Path, gpu_mem: str | float | None = None, gpu: str | None = None,
+         as_json: bool = False):
+    """Peak memory, fit, largest micro-batch, tokens/s and epoch time for lora and qlora with and
+    without gradient checkpointing, on the given (`gpu_mem` like "24GiB", `gpu` like "A100") or
+    detected device; prints the table (or JSON) and returns the lorakit.plan.Plan."""
+    from lorakit import plan as planner
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    mem = planner.parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem
+    p = planner.plan(cfg, gpu_mem_bytes=mem, gpu_name=gpu)
+    print(p.to_json() if as_json else planner.format_plan(p))
+    return p
+
+
 def init(directory: str | Path = ".") -> Path:
     """Write a commented starter config and a small data set that trains as-is; returns the config path."""
     from lorakit.starter import write_starter

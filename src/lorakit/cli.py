@@ -24,6 +24,11 @@ def _train(args) -> None:
     lorakit.train(lorakit.load_config(args.config, args.overrides), resume=args.resume, force=args.force)
 
 
+def _plan(args) -> None:
+    api.plan(lorakit.load_config(args.config, args.overrides), gpu_mem=args.gpu_mem, gpu=args.gpu,
+             as_json=args.json)
+
+
 def _eval(args) -> None:
     lorakit.evaluate(args.run_dir, prompts=args.prompts, limit=args.limit)
 
@@ -69,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: accept a changed config, data or model")
+
+    p = verbs.add_parser("plan", help="will it fit, how fast, what to change: lora vs qlora x checkpointing")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.max_length=4096")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="plan for a GPU with this much memory, e.g. 24GiB")
+    p.add_argument("--gpu", metavar="NAME", help="plan for a GPU family, e.g. A100, H100, RTX 4090")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_plan)
 
     p = verbs.add_parser("eval", help="base vs tuned on held-out prompts")
     p.add_argument("run_dir")

@@ -68,3 +68,34 @@ def test_eval_writes_base_vs_tuned_summary(overfit_config, tmp_path):
     assert len(rows) == 4 and rows[0]["base"]["output"] != rows[0]["tuned"]["output"]
     # memorised answers: the tuned model reproduces the training answers it overfit
     assert summary["tuned"]["exact_match"] > summary["base"]["exact_match"]
+
+
+def test_auto_method_and_batch_size_are_decided_by_the_planner(overfit_config, tiny_model_dir, tmp_path, capfd):
+    run = tmp_path / "run"
+    cfg = lorakit.load_config(overfit_config, [f"output_dir={run}", f"model={tiny_model_dir}", "method=auto",
+                                               "train.batch_size=auto", "train.max_steps=1"])
+    lorakit.train(cfg)
+    saved = lorakit.load_config(run / "config.yaml")
+    # a 2-layer model on a machine with GBs of RAM: lora fits, and the largest allowed micro-batch
+    assert (saved.method, saved.train.batch_size) == ("lora", 16)
+    captured = capfd.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert "auto: method lora" in out and "batch_size 16" in out
+
+
+def test_plan_cli_prints_options_and_json(overfit_config, tiny_model_dir):
+    import subprocess
+    import sys
+
+    def plan(*args):
+        return subprocess.run([sys.executable, "-m", "lorakit.cli", "plan", str(overfit_config),
+                               f"model={tiny_model_dir}", *args], capture_output=True, text=True, timeout=300)
+
+    table = plan("--gpu-mem", "24GiB")
+    assert table.returncode == 0, table.stderr
+    assert all(label in table.stdout for label in ("lora + checkpointing", "qlora", "recommendation"))
+    doc = json.loads(plan("--gpu", "A100", "--json").stdout)
+    assert [o["label"] for o in doc["options"]] == ["lora", "lora + checkpointing", "qlora", "qlora + checkpointing"]
+    assert doc["device_kind"] == "cuda" and all(o["fits"] for o in doc["options"])
+    bad = plan("--gpu-mem", "lots")
+    assert bad.returncode == 2 and "--gpu-mem" in bad.stderr and "Traceback" not in bad.stderr

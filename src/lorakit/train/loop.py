@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
-from lorakit import console, data, models
+from lorakit import console, data, models, plan
 from lorakit.config import Config, config_to_dict, dump_config
 from lorakit.errors import LorakitError, RunFailed
 from lorakit.train import checkpoint, faults
@@ -57,11 +57,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
 
     precision = models.resolve_precision(cfg.train.precision, PartialState().device)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision.name, precision.name))
-    method = _resolve_method(cfg, accelerator.device)
     model_path = models.resolve_model(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.trust_remote_code)
     template = Path(cfg.data.template).read_text() if cfg.data.template else None
     train_data, eval_data, report = data.prepare_run(cfg, tokenizer)
+    method = _resolve_auto(cfg, accelerator.device, train_data.rows)
     fingerprint = run_fingerprint(cfg, report, model_path)
     resume_from = _resume_point(ckpt_root, fingerprint, force) if resume else None
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     model = models.attach_lora(base, cfg, checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    schedule = Schedule(len(train_data.rows), _batch_size(cfg), cfg.train.grad_accum, cfg.seed)
+    schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
     total = schedule.total_steps(cfg.train.epochs, cfg.train.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -116,7 +116,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
             if step % cfg.train.eval_every == 0 or (step == total and eval_data is not None):
                 if eval_data is not None:
                     record["eval_loss"] = evaluate_loss(accelerator, model, eval_data.examples,
-                                                        tokenizer.pad_token_id, _batch_size(cfg))
+                                                        tokenizer.pad_token_id, cfg.train.batch_size)
             if step % cfg.train.log_every == 0 or step == total or "eval_loss" in record or not finite:
                 metrics.write(json.dumps(record) + "\n")  # non-finite values are logged, never filtered
                 metrics.flush()
@@ -301,9 +301,15 @@ def _lr_lambda(cfg: Config, total: int):
     return factor
 
 
-def _resolve_method(cfg: Config, device: torch.device) -> str:
-    if cfg.method == "auto":
-        cfg.method = "lora"  # the planner (lorakit plan) will pick qlora when memory is short
+def _resolve_auto(cfg: Config, device: torch.device, rows) -> str:
+    """Settle `method: auto` and `train.batch_size: auto` through the planner's memory model of this
+    device and these rows; the choice is logged and written to the run's config.yaml, so a resume
+    reads it back instead of deciding again."""
+    if device.type == "cpu":
+        plan.limit_cpu_heap()  # freed activations go back to the OS: the RSS plan predicts
+    if "auto" in (cfg.method, cfg.train.batch_size):
+        cfg.method, cfg.train.batch_size, reason = plan.resolve_auto(cfg, device, rows)
+        console.info(f"auto: {reason}")
     if cfg.method == "qlora" and device.type not in ("cuda", "cpu", "xpu"):
         raise LorakitError(f"method: qlora needs bitsandbytes on CUDA, XPU or CPU; this device is {device}.")
     return cfg.method
@@ -314,10 +320,6 @@ def _gradient_checkpointing(cfg: Config, model) -> bool:
     if setting == "auto":  # recomputation costs ~30% speed; worth it only when memory is the limit
         return next(model.parameters()).device.type == "cuda" and model.num_parameters() > 3e9
     return setting
-
-
-def _batch_size(cfg: Config) -> int:
-    return 8 if cfg.train.batch_size == "auto" else cfg.train.batch_size
 
 
 class _StopFlag:
