@@ -10,6 +10,7 @@ For production traffic serve the adapter with vLLM (docs/export.md).
 
 import contextlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -53,6 +54,8 @@ def parse_request(body: bytes) -> Request:
         req = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     if not isinstance(req, dict):
         raise BadRequest("the body must be a JSON object")
     messages = req.get("messages")
@@ -84,7 +87,8 @@ def _message(m, i: int) -> dict:
 
 
 def _number(value, name: str, lo: float, hi: float, kind: type):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (kind is float or value == int(value))
     if not ok or not lo <= value <= hi:
         raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'} from {lo:g} to {hi:g}, "
                          f"got {json.dumps(value)}")

@@ -8,6 +8,7 @@ caller reports it and goes on with the next row; a file that cannot be read at a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections.abc import Iterator
@@ -81,6 +82,8 @@ def _parse_line(line: str, where: str) -> dict | DataError:
     except json.JSONDecodeError as e:
         return DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}; each line must be one "
                          "complete JSON object")
+    except RecursionError:
+        return DataError(f"{where}: the JSON is nested too deeply to be a row; each line must be one JSON object")
     if not isinstance(obj, dict):
         return DataError(f"{where}: expected a JSON object, got {kind(obj)}; each line must be one JSON object")
     return obj
@@ -90,6 +93,14 @@ def _csv(path: Path) -> Iterator[Row]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     lines = _csv_lines(path)
     reader = csv.reader((line for _, line in lines), delimiter=delimiter)
+    try:
+        yield from _csv_records(path, reader, delimiter)
+    except csv.Error as e:  # the csv module cannot go on after one: the rest of the file is unreadable
+        raise DataError(f"{path}:{reader.line_num}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({e}); "
+                        "quote fields that hold line breaks, and end lines with \\n or \\r\\n") from None
+
+
+def _csv_records(path: Path, reader, delimiter: str) -> Iterator[Row]:
     header = next(reader, None)
     if not header:
         raise DataError(f"{path}: the file is empty; it needs a header line naming the columns, then one row a line")
@@ -161,6 +172,8 @@ class _JsonStream:
                     raise self.error(f"invalid JSON: {e.msg}", e.pos) from e
                 self._fill()
                 continue
+            except RecursionError:
+                raise self.error("the JSON is nested too deeply to be a row") from None
             if end < len(self.buf) or self.eof:  # a number may go on in the next chunk
                 self._advance(end - self.pos)
                 return value
@@ -232,29 +245,34 @@ def _incomplete(error: json.JSONDecodeError, buf: str) -> bool:
 # --- Parquet and Arrow (incl. save_to_disk directories) ---------------------------------------------
 
 
+@contextlib.contextmanager
+def _readable(path: Path, kind: str):
+    """pyarrow's errors on a damaged or foreign file (raised when opening it or at any batch) as one DataError."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: not a readable {kind} file ({e}); write it again with pyarrow or datasets") from e
+
+
 def _parquet(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-    except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-    yield from _numbered(path, batches, 0)
+    with _readable(path, "Parquet"):
+        yield from _numbered(path, pq.ParquetFile(path).iter_batches(batch_size=1024), 0)
 
 
 def _arrow(path: Path, first: int = 0, name: Path | None = None) -> Iterator[Row]:
     import pyarrow as pa
 
-    try:
-        with pa.memory_map(str(path)) as source:
-            try:
-                batches = iter(pa.ipc.open_stream(source))  # what save_to_disk writes
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(source)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            yield from _numbered(name or path, batches, first)
-    except pa.ArrowInvalid as e:
-        raise DataError(f"{path}: not a readable Arrow file ({e})") from e
+    with _readable(path, "Arrow"), pa.memory_map(str(path)) as source:
+        try:
+            batches = iter(pa.ipc.open_stream(source))  # what save_to_disk writes
+        except (pa.ArrowInvalid, OSError):
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        yield from _numbered(name or path, batches, first)
 
 
 def _numbered(path: Path, batches, first: int) -> Iterator[Row]:
