@@ -50,7 +50,8 @@ def load_chat_model(target: str | Path) -> ChatModel:
         raise LorakitError(f"{target}: the tokenizer has no chat template, so there is no way to format a "
                            f"conversation. Chat with an instruct model, a run directory or a merged run.")
     dtype = models.resolve_precision("auto", device).dtype  # bf16 where the hardware runs it fast
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **models.weight_loading(model_path, False))
+    model = model.to(device).eval()
     return ChatModel(model, tokenizer, eot_token_ids(tokenizer), path.name if path.exists() else str(target))
 
 

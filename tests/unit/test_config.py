@@ -28,6 +28,7 @@ def test_defaults_match_design(tmp_path):
         "output_dir": str(tmp_path / "runs" / "example"),
         "seed": 42,
         "trust_remote_code": False,
+        "allow_pickle": False,
         "data": {
             "train": None,
             "eval": None,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.data.errors import DataError
+from lorakit.paths import inside
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 _JSON_ROW = 64 * 2**20  # a JSON value bigger than this is a broken file, not a row: stop reading it
@@ -287,11 +288,18 @@ def _numbered(path: Path, batches, first: int) -> Iterator[Row]:
 
 def _dataset_dir(path: Path) -> Iterator[Row]:
     if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _json_file(path / "dataset_dict.json").get("splits")
+        splits = [str(s) for s in splits] if isinstance(splits, list) else []
         raise DataError(f"{path}: a DatasetDict with splits {', '.join(splits)}; give one split's directory, e.g. "
                         f"data.train: {path / (splits[0] if splits else 'train')}")
-    state = json.loads((path / "state.json").read_text())
-    shards = [path / f["filename"] for f in state.get("_data_files", [])]
+    files = _json_file(path / "state.json").get("_data_files", [])
+    if not isinstance(files, list):
+        raise DataError(f"{path / 'state.json'}: _data_files must be a list; save the dataset again with save_to_disk")
+    names = [f.get("filename") if isinstance(f, dict) else f for f in files]
+    shards = [inside(path, name) for name in names]
+    if None in shards:
+        raise DataError(f"{path / 'state.json'}: _data_files names {names[shards.index(None)]!r}, not a file inside "
+                        f"{path}; a dataset folder may only name its own files. Save the dataset again with save_to_disk")
     if not shards:
         raise DataError(f"{path}: state.json lists no data files; save the dataset again with save_to_disk")
     rows = 0
@@ -299,6 +307,17 @@ def _dataset_dir(path: Path) -> Iterator[Row]:
         for where, row in _arrow(shard, rows, name=path):
             rows += 1
             yield where, row
+
+
+def _json_file(path: Path) -> dict:
+    """A save_to_disk folder's JSON description, a DataError when it is not a JSON object."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path}: not valid JSON ({e}); save the dataset again with save_to_disk") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {kind(value)}; save the dataset again with save_to_disk")
+    return value
 
 
 def kind(value: object) -> str:

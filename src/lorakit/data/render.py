@@ -19,6 +19,7 @@ from typing import Literal
 
 import jinja2
 
+from lorakit.data import sandbox
 from lorakit.data.errors import DataError
 from lorakit.data.formats import Example
 
@@ -305,9 +306,7 @@ def _chat(tokenizer, messages, template, source: str, what: str, generation_prom
             "the tokenizer has no chat template; set data.template to the path of a .jinja file"
         )
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        return sandbox.render_chat(tokenizer, messages, template, generation_prompt)  # bounded output
     except jinja2.TemplateError as e:
         raise RenderError(f"{source}: the chat template failed rendering {what}: {e}") from e
 
