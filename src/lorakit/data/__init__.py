@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,7 +19,8 @@ from lorakit.data.errors import DataError, Problems
 from lorakit.data.formats import Example
 from lorakit.data.load import read_examples, read_messages, resolve_files
 from lorakit.data.pack import efficiency, pack
-from lorakit.data.render import IGNORE, Rendered, RenderError, eot_token_ids, render, render_example
+from lorakit.data.render import (IGNORE, Rendered, RenderError, eot_token_ids, render, render_example,
+                                 render_examples)
 
 __all__ = [
     "DataError",
@@ -98,11 +101,14 @@ def prepare(
     tally = Tally(tokenizer, template_text, _stop_ids(tokenizer, template_text))
     fit = _Fit(tokenizer, max_length, too_long, loss_on, template_text)
     examples, sources = [], []
+    stream = _stream(files, format=format, columns=columns, file_reports=inputs)
     with _dump(dump_tokens) as dump:
-        for example in read_examples(files, format=format, columns=columns, problems=problems, file_reports=inputs):
+        for example, rendered in _rendered(stream, tokenizer, loss_on, template_text):
+            if isinstance(rendered, DataError):
+                problems.add(rendered)
+                continue
             try:
-                rendered = fit(example, render_example(tokenizer, example, loss_on=loss_on, template=template_text),
-                               tally)
+                rendered = fit(example, rendered, tally)
             except DataError as e:
                 problems.add(e)
                 continue
@@ -120,6 +126,36 @@ def prepare(
                     template=str(template) if template is not None else "tokenizer")
     report = _report(tally, inputs, tokenizer, settings)
     return Prepared(examples, sources, report, list(tally.totals), list(tally.trained), problems)
+
+
+BATCH = 512  # examples rendered together: enough to amortize the template's and tokenizer's per-call cost
+
+
+class _Found(list):
+    """Problems met while reading, held until `_stream` yields them in their place."""
+
+    add = list.append
+
+
+def _stream(files, **kwargs) -> Iterator[Example | DataError]:
+    """`read_examples(files, **kwargs)` with the error of each bad row in its place, in file order."""
+    found = _Found()
+    for example in read_examples(files, problems=found, **kwargs):
+        yield from found
+        found.clear()
+        yield example
+    yield from found
+
+
+def _rendered(stream: Iterator[Example | DataError], tokenizer, loss_on: str,
+              template: str | None) -> Iterator[tuple[Example | None, Rendered | DataError]]:
+    """(example, its rendering or its error), and (None, error) for a bad row, in file order; the
+    examples are rendered BATCH at a time."""
+    while chunk := list(itertools.islice(stream, BATCH)):
+        examples = [item for item in chunk if isinstance(item, Example)]
+        rendered = iter(render_examples(tokenizer, examples, loss_on=loss_on, template=template))
+        for item in chunk:
+            yield (item, next(rendered)) if isinstance(item, Example) else (None, item)
 
 
 class _Fit:
