@@ -1,28 +1,50 @@
 """Steady-state training throughput and peak memory of lorakit's training step on one GPU.
 
 Runs lorakit's own pieces — models.load_base (bf16 or NF4 double-quant base), models.attach_lora
-(r=16, alpha=32, all-linear), train.loss.loss_sum (vocabulary projection of trained positions only),
-bf16 autocast, fused-free AdamW, clipping — on random-init models of real architectures with random
-full rows of 2,048 tokens, 16,384 tokens per optimizer step (micro-batch x accumulation), the
-settings of the seed/TRL table in ../shared/gpu/README.md.
+(r=16, alpha=32, all-linear), bf16 autocast, AdamW, clipping — on random-init models of real
+architectures with random full rows of 2,048 tokens, 16,384 tokens per optimizer step (micro-batch x
+accumulation), the settings of the seed/TRL table in ../shared/gpu/README.md. Each arm takes one path:
+
+  reference  the plain PyTorch path: eager layers, full logits, F.cross_entropy (train.loss.reference_loss_sum)
+  eager      lorakit as of session 1: eager layers, frozen-head chunked CE with the eager chunk step
+  ce         eager layers, the compiled CE step (lorakit on CUDA without models.speedups)
+  fast       lorakit's default on CUDA: models.speedups + the compiled CE step. Without checkpointing
+             each decoder layer is compiled whole; with it, each layer's children (eager checkpoint)
+  selective  whole layers compiled with checkpointing traced inside them (fast.compile_layers):
+             the 4-bit matmul outputs are kept, the rest recomputed
+
+Compiling cannot be undone, so one model serves one compiled form: a --only list that needs both
+(fast arms with and without checkpointing, or fast and selective) records the later ones as errors;
+run those in another invocation. Session-2 result files name arms as they were then: in
+gpu_throughput_2026-11-29_s2.json "-ckpt-fast" is today's "-sel"; the "-ckpt-blocks" arms of
+gpu_throughput_2026-11-29_s2_blocks.json are today's "-ckpt-fast".
+
+Every arm of an architecture starts from the same LoRA initialisation and sees the same rows, so
+each step's loss is comparable across arms; fast arms report the largest relative difference from
+the first reference arm of their architecture ("loss within 1%").
 
 usage: python benchmarks/gpu_throughput.py [--steps N] [--only NAME ...] [--out FILE]
-Prints one JSON line per arm and writes them all to --out.
+                                          [--profile NAME ... --profile-dir DIR] [--budget-s S]
+Arms run in --only order, grouped by model (one load each), a model's reference and eager arms first.
+Prints one JSON line per arm and a table, and writes them all to --out (after every arm); arms not
+started within --budget-s seconds are recorded as skipped.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import time
+from unittest import mock
 
 import torch
 
 from lorakit import models
 from lorakit.config import load_config
-from lorakit.train.loss import loss_sum
+from lorakit.train import fast, loss
 
 ARCHS = {
     "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -32,20 +54,31 @@ ARCHS = {
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      max_position_embeddings=131072, rope_theta=500000, tie_word_embeddings=False),
 }
-# name: (arch, method, micro-batch, gradient checkpointing)
+# name: (arch, method, micro-batch, gradient checkpointing, path)
 ARMS = {
-    "qwen-qlora-mb8": ("qwen3-0.6b", "qlora", 8, False),
-    "qwen-qlora-mb8-ckpt": ("qwen3-0.6b", "qlora", 8, True),
-    "qwen-lora-mb8": ("qwen3-0.6b", "lora", 8, False),
-    "llama-qlora-mb8": ("llama-8b", "qlora", 8, False),
-    "llama-qlora-mb4": ("llama-8b", "qlora", 4, False),
-    "llama-qlora-mb2": ("llama-8b", "qlora", 2, False),
-    "llama-qlora-mb1": ("llama-8b", "qlora", 1, False),
-    "llama-qlora-mb8-ckpt": ("llama-8b", "qlora", 8, True),
-    "llama-lora-mb4": ("llama-8b", "lora", 4, False),
-    "llama-lora-mb2": ("llama-8b", "lora", 2, False),
+    "qwen-qlora-mb8-ref": ("qwen3-0.6b", "qlora", 8, False, "reference"),
+    "qwen-qlora-mb8": ("qwen3-0.6b", "qlora", 8, False, "eager"),
+    "qwen-qlora-mb8-ckpt": ("qwen3-0.6b", "qlora", 8, True, "eager"),
+    "qwen-qlora-mb8-ce": ("qwen3-0.6b", "qlora", 8, False, "ce"),
+    "qwen-qlora-mb8-fast": ("qwen3-0.6b", "qlora", 8, False, "fast"),
+    "qwen-qlora-mb8-ckpt-fast": ("qwen3-0.6b", "qlora", 8, True, "fast"),
+    "llama-qlora-mb2-ref": ("llama-8b", "qlora", 2, False, "reference"),
+    "llama-qlora-mb8": ("llama-8b", "qlora", 8, False, "eager"),
+    "llama-qlora-mb4": ("llama-8b", "qlora", 4, False, "eager"),
+    "llama-qlora-mb2": ("llama-8b", "qlora", 2, False, "eager"),
+    "llama-qlora-mb8-ckpt": ("llama-8b", "qlora", 8, True, "eager"),
+    "llama-qlora-mb2-fast": ("llama-8b", "qlora", 2, False, "fast"),
+    "llama-qlora-mb4-fast": ("llama-8b", "qlora", 4, False, "fast"),
+    "llama-qlora-mb8-ckpt-fast": ("llama-8b", "qlora", 8, True, "fast"),
+    "llama-qlora-mb4-ckpt-fast": ("llama-8b", "qlora", 4, True, "fast"),
+    "llama-qlora-mb8-sel": ("llama-8b", "qlora", 8, True, "selective"),
+    "llama-qlora-mb4-sel": ("llama-8b", "qlora", 4, True, "selective"),
+    "llama-lora-mb2-ref": ("llama-8b", "lora", 2, False, "reference"),
+    "llama-lora-mb2-fast": ("llama-8b", "lora", 2, False, "fast"),
 }
 SEQ, TOKENS_PER_STEP = 2048, 16384
+PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "selective": 4}
+COMPILED = ("fast", "selective")  # compiling is one-way: eager arms of a model run first
 
 
 def random_model_dir(arch: str) -> str:
@@ -65,48 +98,138 @@ def random_model_dir(arch: str) -> str:
     return path
 
 
-def run_arm(name: str, steps: int) -> dict:
-    arch, method, micro, ckpt = ARMS[name]
-    path = random_model_dir(arch)
-    cfg = load_config(overrides={"model": path, "method": method, "lora.dropout": 0.0, "train.precision": "bf16",
-                                 "train.gradient_checkpointing": ckpt}, require_train=False)
-    device = torch.device("cuda")
+class Skipped(Exception):
+    """An arm this model cannot run now (an earlier compile failed, or its layers are compiled in
+    another form)."""
+
+
+class Setup:
+    """One base model with LoRA attached, shared by the arms of its (arch, method); each arm starts
+    from the same LoRA weights."""
+
+    def __init__(self, arch: str, method: str):
+        self.arch, self.method = arch, method
+        path = random_model_dir(arch)
+        cfg = load_config(overrides={"model": path, "method": method, "lora.dropout": 0.0,
+                                     "train.precision": "bf16"}, require_train=False)
+        self.device = torch.device("cuda")
+        base = models.load_base(cfg, path, models.resolve_precision("bf16", self.device), self.device)
+        self.model = models.attach_lora(base, cfg, gradient_checkpointing=False)
+        torch.manual_seed(1)
+        for name, p in self.model.named_parameters():  # B = 0 would hide the adapter from the loss
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=1e-3)
+        self.init = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.vocab = ARCHS[arch]["vocab_size"]
+        self.compiled = None  # "layers" or "blocks", once compiled
+        self.compile_error = None  # a failed compile is not retried by the next fast arm
+
+    def _compile(self, path: str, ckpt: bool):
+        form = "blocks" if path == "fast" and ckpt else "layers"
+        if self.compile_error:
+            raise Skipped(f"compiling this model failed in an earlier arm ({self.compile_error})")
+        if not self.compiled:
+            if path == "fast":
+                models.speedups(self.model, self.device)  # picks the form from the checkpointing state
+            else:
+                fast.compile_layers(self.model)
+            self.compiled = form
+        if self.compiled != form:
+            raise Skipped(f"this model's layers are compiled as {self.compiled}, this arm needs {form}: "
+                          f"run it in another invocation")
+
+    def prepare(self, ckpt: bool, path: str):
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(self.init[n])
+        base = self.model.get_base_model()
+        if ckpt:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        else:
+            base.gradient_checkpointing_disable()
+        if path in COMPILED:
+            self._compile(path, ckpt)
+        elif self.compiled:
+            raise Skipped("this model is compiled already: run reference/eager/ce arms before compiled ones")
+        self.model.train()  # as the loop does: checkpointing (and dropout) act only in train mode
+
+
+def step_loss_fn(path: str):
+    if path == "reference":
+        return loss.reference_loss_sum, contextlib.nullcontext()
+    if path == "eager":  # the session-1 CE step: the eager chunk function on CUDA too
+        return loss.loss_sum, mock.patch.object(fast, "compiled", lambda fn: loss.chunk_loss_and_grad)
+    return loss.loss_sum, contextlib.nullcontext()
+
+
+def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict:
+    arch, method, micro, ckpt, path = ARMS[name]
+    setup.prepare(ckpt, path)
+    model = setup.model
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    precision = models.resolve_precision("bf16", device)
-    model = models.attach_lora(models.load_base(cfg, path, precision, device), cfg, ckpt)
-    model.train()  # as the loop does: checkpointing (and dropout) act only in train mode
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
-    accum = TOKENS_PER_STEP // (micro * SEQ)
+    rows = TOKENS_PER_STEP // SEQ
+    accum = rows // micro
     g = torch.Generator(device="cuda").manual_seed(0)
-    vocab = ARCHS[arch]["vocab_size"]
-    times, losses = [], []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        total = 0.0
-        for _ in range(accum):
-            ids = torch.randint(0, vocab, (micro, SEQ), device=device, generator=g)
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_sum(model, batch) / (accum * micro * (SEQ - 1))
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(total)
+    loss_fn, context = step_loss_fn(path)
+    times, losses, norms = [], [], []
+    with context:
+        for _ in range(steps):
+            ids_step = torch.randint(0, setup.vocab, (rows, SEQ), device="cuda", generator=g)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            total = 0.0
+            for ids in ids_step.split(micro):
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    value = loss_fn(model, batch) / (rows * (SEQ - 1))
+                value.backward()
+                total += value.item()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, 1.0)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(total)
+        if profile_to:
+            try:
+                _profile(model, loss_fn, setup.vocab, micro, profile_to)
+            except Exception as e:  # a profiler that cannot start must not cost the arm its numbers
+                with open(profile_to, "w") as f:
+                    f.write(f"profiling failed: {type(e).__name__}: {e}\n")
     warm = min(3, steps - 1)
     tok_s = TOKENS_PER_STEP * (steps - warm) / sum(times[warm:])
-    result = dict(arm=name, arch=arch, method=method, micro_batch=micro, grad_accum=accum, checkpointing=ckpt,
-                  steps=steps, tokens_per_s=round(tok_s), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
+    result = dict(arm=name, arch=arch, method=method, path=path, micro_batch=micro, grad_accum=accum,
+                  checkpointing=ckpt, steps=steps, tokens_per_s=round(tok_s),
+                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                  first_step_s=round(times[0], 1), losses=[round(x, 6) for x in losses],
+                  grad_norms=[round(x, 5) for x in norms],
                   mfu_4n=round(tok_s * 4 * _params(model) / 790e12, 3))
-    del model, opt
-    torch.cuda.empty_cache()
+    if path in ("ce", *COMPILED):  # cumulative over the process: did anything fall back to eager?
+        from torch._dynamo.utils import counters
+
+        result.update(dynamo_graphs=counters["stats"]["unique_graphs"],
+                      dynamo_graph_breaks=sum(counters["graph_break"].values()))
+    del opt
     return result
+
+
+def _profile(model, loss_fn, vocab: int, micro: int, out: str) -> None:
+    """One micro-batch forward + backward under the profiler: the kernels that take the time."""
+    ids = torch.randint(0, vocab, (micro, SEQ), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            value = loss_fn(model, batch)
+        value.backward()
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    with open(out, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 
 
 def _params(model) -> int:
@@ -117,11 +240,46 @@ def _params(model) -> int:
     return n
 
 
+def check_losses(results: list[dict]) -> None:
+    """Each non-reference arm against the first reference arm of its architecture and method."""
+    refs = {}
+    for r in results:
+        if "losses" not in r:
+            continue
+        key = (r["arch"], r["method"])
+        if r["path"] == "reference":
+            refs.setdefault(key, r)
+        elif key in refs:
+            ref = refs[key]["losses"]
+            diff = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref))
+            r["loss_max_rel_diff"] = round(diff, 7)
+            r["loss_within_1pct"] = diff <= 0.01
+            r["grad_norm_max_rel_diff"] = round(max(abs(a - b) / abs(b) for a, b in
+                                                    zip(r["grad_norms"], refs[key]["grad_norms"])), 5)
+            r["loss_reference_arm"] = refs[key]["arm"]
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'arm':28} {'tok/s':>8} {'peak GiB':>9} {'MFU 4N':>7}  loss vs reference"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['arm']:28} {r['error'][:90]}")
+            continue
+        check = (f"within 1% over {r['steps']} steps: {r['loss_within_1pct']} (max rel diff "
+                 f"{r['loss_max_rel_diff']:.1e}; grad norm {r['grad_norm_max_rel_diff']:.1e})"
+                 if "loss_within_1pct" in r else "")
+        lines.append(f"{r['arm']:28} {r['tokens_per_s']:>8,} {r['peak_gib']:>9.2f} {r['mfu_4n']:>7.3f}  {check}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=list(ARMS))
     parser.add_argument("--out", default=f"benchmarks/results/gpu_throughput_{datetime.date.today()}.json")
+    parser.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to tabulate (one micro-batch)")
+    parser.add_argument("--profile-dir", default="benchmarks/results")
+    parser.add_argument("--budget-s", type=float, default=math.inf)
     args = parser.parse_args()
     import bitsandbytes
     import peft
@@ -129,19 +287,45 @@ def main() -> None:
 
     meta = dict(date=str(datetime.date.today()), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
-                python=platform.python_version(), seq=SEQ, tokens_per_step=TOKENS_PER_STEP)
-    results = []
-    for name in args.only:
+                python=platform.python_version(), seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
+                lora="r=16 alpha=32 dropout=0 all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4, clip 1.0",
+                data="random full rows, the same for every arm", timing="steps 4..N, synchronised")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    models_in_order = list(dict.fromkeys(ARMS[n][:2] for n in args.only))
+    order = sorted(args.only, key=lambda n: (models_in_order.index(ARMS[n][:2]), PATH_ORDER[ARMS[n][4]]))
+    results, setup, started, unloadable = [], None, time.time(), {}
+    for name in order:
+        arch, method = ARMS[name][:2]
+        if time.time() - started > args.budget_s:
+            results.append(dict(arm=name, error=f"skipped: --budget-s {args.budget_s:.0f} spent"))
+            continue
+        if (arch, method) in unloadable:
+            results.append(dict(arm=name, error=f"skipped: the model failed to load ({unloadable[arch, method]})"))
+            continue
         try:
-            results.append(run_arm(name, args.steps))
-        except torch.OutOfMemoryError as e:
-            results.append(dict(arm=name, error=f"OOM: {str(e)[:200]}"))
+            if setup is None or (setup.arch, setup.method) != (arch, method):
+                setup = None
+                torch.cuda.empty_cache()
+                unloadable[arch, method] = "loading"
+                setup = Setup(arch, method)
+                del unloadable[arch, method]
+            profile_to = os.path.join(args.profile_dir, f"profile_{name}.txt") if name in args.profile else None
+            results.append(run_arm(setup, name, args.steps, profile_to))
+        except Exception as e:  # an arm that fails (OOM, a compile error) is recorded; the others still run
+            results.append(dict(arm=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            if (arch, method) in unloadable:
+                unloadable[arch, method] = type(e).__name__
+            if setup is not None:
+                setup.model.zero_grad(set_to_none=True)
+                if ARMS[name][4] in COMPILED and not isinstance(e, (torch.OutOfMemoryError, Skipped)):
+                    setup.compile_error = setup.compile_error or type(e).__name__
             torch.cuda.empty_cache()
+        check_losses(results)
         print(json.dumps(results[-1]), flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
-    if not all(math.isfinite(r.get("last_loss", 0.0)) for r in results):
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+    print(table(results))
+    if not all(math.isfinite(x) for r in results for x in r.get("losses", [])):
         raise SystemExit("a run produced a non-finite loss")
 
 

@@ -4,6 +4,7 @@
 import torch
 import torch.nn.functional as F
 
+from lorakit.train import fast
 from lorakit.train.batches import IGNORE
 
 
@@ -56,13 +57,14 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, chunk):
         grad_hidden = torch.empty_like(hidden)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # On CUDA the softmax and its gradient run as one compiled kernel pair over 16-bit logits
+        # (one read for the logsumexp, one read and one 16-bit write for the gradient) instead of
+        # five fp32 passes; on CPU the eager reference runs, unchanged.
+        loss_and_grad = fast.compiled(fused_chunk_loss_and_grad) if hidden.is_cuda else chunk_loss_and_grad
         for i in range(0, hidden.shape[0], chunk):
             h, t = hidden[i:i + chunk], target[i:i + chunk]
-            logits = (h @ weight.to(h.dtype).t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            grad_logits = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+            loss, grad_logits = loss_and_grad(h @ weight.to(h.dtype).t(), t)
+            total += loss
             grad_hidden[i:i + chunk] = (grad_logits.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
@@ -71,6 +73,27 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
+def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ cross-entropy of one chunk of logits, and its gradient with respect to them (fp32)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+    grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot
+    grad[torch.arange(target.shape[0], device=target.device), target] -= 1
+    return loss, grad
+
+
+def fused_chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_loss_and_grad` written for the compiler: the gradient comes out in the logits' dtype and
+    no step writes a full fp32 copy of the chunk, so inductor fuses it into a reduction and one
+    elementwise pass."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = (lse.squeeze(1) - x.gather(1, target[:, None]).squeeze(1)).sum()
+    onehot = torch.arange(x.shape[1], device=x.device) == target[:, None]
+    return loss, (torch.exp(x - lse) - onehot.float()).to(logits.dtype)
 
 
 def reference_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

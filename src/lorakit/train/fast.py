@@ -1,0 +1,79 @@
+"""The GPU fast path: torch.compile where it measured faster, with the eager code kept as the reference.
+
+- `compile_layers`: each decoder layer (LoRA and 4-bit linears included) compiled whole. Inductor
+  fuses RMSNorm, RoPE, SwiGLU and LoRA's scale-and-add, and AOTAutograd's partitioner recomputes
+  those cheap pointwise results in backward instead of keeping them, so activation memory drops too.
+  With gradient checkpointing on, the checkpoint is traced into the compiled layer and becomes
+  selective: the outputs of the 4-bit matmuls (custom ops the partitioner does not recompute) are
+  kept, the rest recomputed.
+- `compile_blocks`: each layer's children compiled, the layer not; eager checkpointing around the
+  layer then keeps only the layer's input, as uncompiled checkpointing does, and recomputes in
+  compiled code. What `speedups` uses when checkpointing is on: it holds the memory the user asked for.
+- `compiled`: one compiled copy of a function (train/loss.py compiles its per-chunk CE step with it).
+
+The module tree, state dict and adapter files stay those of the eager model. tests/gpu/test_fast_gpu.py
+compares each compiled path with the eager reference on fresh random inputs; benchmarks/NOTES.md has
+the measurements.
+"""
+
+import functools
+
+import torch
+
+
+def speedups(model, device: torch.device):
+    """Apply the fast path to a model with LoRA attached (call it after checkpointing is set up);
+    on any device but CUDA it does nothing, so CPU training computes exactly what it did. Returns the
+    model (the same object)."""
+    if device.type != "cuda":
+        return model
+    if checkpointing(model):
+        compile_blocks(model)
+    else:
+        compile_layers(model)
+    return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers
+
+
+def checkpointing(model) -> bool:
+    # transformers' GradientCheckpointingLayer carries the flag; remote-code layers may not
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model))
+
+
+def compile_layers(model) -> int:
+    """Compile every decoder layer in place (`Module.compile`, so parameter names do not change);
+    returns how many. Layers share their code, so one compiled graph serves all of them; a second
+    sequence length or batch size compiles once more, with symbolic shapes, and then serves all."""
+    _allow_recompiles()
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def compile_blocks(model) -> int:
+    """Compile each decoder layer's children (attention, MLP, norms) in place; returns how many."""
+    _allow_recompiles()
+    blocks = [child for layer in decoder_layers(model) for child in layer.children()]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def _allow_recompiles() -> None:
+    # Every transformers decoder layer runs through one code object (the checkpointing wrapper of
+    # transformers.modeling_layers), and its graphs multiply: first layer or not (its input needs no
+    # grad), train or eval, checkpointing on or off, static then symbolic shapes. Past dynamo's
+    # default limit of 8 the layers would silently run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+@functools.cache
+def compiled(fn):
+    """One compiled copy of `fn`. A dimension seen with a second size (a short last chunk) is made
+    symbolic on the recompile, so varying row counts cost one extra compile, not one each."""
+    return torch.compile(fn)
