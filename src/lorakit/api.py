@@ -2,8 +2,11 @@
 
 from pathlib import Path
 
+from accelerate import PartialState
+
 from lorakit import console
 from lorakit.config import Config, load_config
+from lorakit.errors import LorakitError
 from lorakit.train.loop import TrainResult
 from lorakit.train import loop
 
@@ -15,9 +18,22 @@ def train(config: Config | str | Path, resume: bool = False, force: bool = False
     cfg = config if isinstance(config, Config) else load_config(config)
     result = loop.train(cfg, resume=resume, force=force)
     console.info(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f}s)")
-    if cfg.eval.after_train and (cfg.eval.prompts or cfg.data.eval):  # split-off eval: loss only
+    main = PartialState().is_main_process  # of several training processes, one evaluates
+    if main and cfg.eval.after_train and (cfg.eval.prompts or cfg.data.eval):  # split-off eval: loss only
         result.eval = evaluate(result.output_dir)
     return result
+
+
+def train_processes(config: str | Path, overrides: list[str], nproc: int, resume: bool = False,
+                    force: bool = False) -> None:
+    """`lorakit train CONFIG [overrides] --nproc N`: train in `nproc` processes on this machine, each on
+    its share of every batch (one process per GPU; gloo on CPU); the main process writes the run."""
+    from lorakit.train.launch import train_processes as launch
+
+    if nproc < 1:
+        raise LorakitError(f"--nproc: must be at least 1 (got {nproc}). Use --nproc 1 for one process, or the "
+                           f"number of GPUs of this machine.")
+    launch([str(config), *overrides, *(["--resume"] if resume else []), *(["--force"] if force else [])], nproc)
 
 
 def evaluate(run_dir: str | Path, prompts: str | None = None, limit: int | None = None) -> dict:

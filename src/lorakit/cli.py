@@ -21,7 +21,11 @@ def _check(args) -> None:
 
 
 def _train(args) -> None:
-    lorakit.train(lorakit.load_config(args.config, args.overrides), resume=args.resume, force=args.force)
+    cfg = lorakit.load_config(args.config, args.overrides)  # a bad config fails here, once
+    if args.nproc == 1:
+        lorakit.train(cfg, resume=args.resume, force=args.force)
+    else:
+        api.train_processes(args.config, args.overrides, args.nproc, resume=args.resume, force=args.force)
 
 
 def _plan(args) -> None:
@@ -74,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: accept a changed config, data or model")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train in N processes on this machine (one per GPU; on CPU, gloo)")
 
     p = verbs.add_parser("plan", help="will it fit, how fast, what to change: lora vs qlora x checkpointing")
     p.add_argument("config", help="YAML config file")

@@ -68,6 +68,9 @@ class TrainConfig:
     eval_every: int = 200  # steps between eval-loss measurements
     log_every: int = 10  # steps between lines in metrics.jsonl
     max_bad_steps: int = 3  # steps with a non-finite loss or gradient skipped before the run stops
+    # several processes (--nproc, accelerate launch, torchrun): ddp = each holds the whole model;
+    # fsdp = the base is sharded across GPUs (FSDP2), for models one GPU cannot hold; auto = ddp
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 @dataclass

@@ -12,6 +12,11 @@ from rich.table import Table
 out = Console(stderr=True, highlight=False)
 
 
+def only_main_process(is_main: bool) -> None:
+    """Silence every process but the main one: N training processes would print each line N times."""
+    out.quiet = not is_main
+
+
 def info(msg: str) -> None:
     out.print(f"[bold]lorakit[/]: {msg}")
 
@@ -49,7 +54,8 @@ def run_header(cfg, method: str, precision: str, checkpointing: bool, total: int
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info(f"{cfg.model} · {method} r={cfg.lora.r} alpha={cfg.lora.alpha:g} · {precision}"
          f" · gradient checkpointing {'on' if checkpointing else 'off'} · {trainable / 1e6:.2f}M trainable")
-    info(f"{total} steps × {schedule.batch_size} × {schedule.grad_accum} accumulation "
+    processes = f" × {schedule.world_size} processes" if schedule.world_size > 1 else ""
+    info(f"{total} steps × {schedule.batch_size} × {schedule.grad_accum} accumulation{processes} "
          f"({schedule.steps_per_epoch} steps per epoch) → {cfg.output_dir}")
 
 
@@ -70,7 +76,7 @@ class _Bar:
 @contextlib.contextmanager
 def progress(total: int, start: int, log_every: int = 1):
     """A live bar on a terminal (step, loss, lr, tokens/s, ETA); plain log lines otherwise."""
-    if not out.is_terminal:
+    if not out.is_terminal or out.quiet:
         yield _Bar(None, None, log_every)
         return
     columns = [TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[fields]}"),

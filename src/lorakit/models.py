@@ -175,6 +175,8 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
             bnb_4bit_quant_type=cfg.quant.type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant,
             bnb_4bit_compute_dtype=compute,
+            # FSDP shards only floating-point tensors: pack the 4-bit weights in the compute dtype then
+            bnb_4bit_quant_storage=compute if cfg.train.distributed == "fsdp" else torch.uint8,
         )
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": _device_map_target(device)}

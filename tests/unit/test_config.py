@@ -60,6 +60,7 @@ def test_defaults_match_design(tmp_path):
             "eval_every": 200,
             "log_every": 10,
             "max_bad_steps": 3,
+            "distributed": "auto",
         },
         "eval": {"prompts": None, "max_new_tokens": 256, "after_train": True, "limit": None, "batch_size": 16},
     }

@@ -2,8 +2,10 @@
 
 A row is one rendered example (padded batches) or a packed row of several (`lorakit.data.pack`).
 The order is a pure function of (seed, step): epoch e shuffles the rows with seed + e, and step s
-takes the next batch_size x grad_accum of them. Resuming at step s therefore needs only s, and
-replays the exact samples an uninterrupted run would have seen.
+takes the next batch_size x grad_accum x world_size of them. Resuming at step s therefore needs only
+s, and replays the exact samples an uninterrupted run would have seen. With several processes each
+takes a disjoint share of every micro-step's rows, so N processes of batch_size B train on the same
+rows per step as one process of batch_size N x B.
 """
 
 import math
@@ -20,13 +22,14 @@ IGNORE = -100
 @dataclass(frozen=True)
 class Schedule:
     n_examples: int  # rows to draw from: examples, or packed rows when packing
-    batch_size: int
+    batch_size: int  # rows per process per micro-step
     grad_accum: int
     seed: int
+    world_size: int = 1  # training processes, each on its own share of every micro-step
 
     @property
     def per_step(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.batch_size * self.grad_accum * self.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -35,13 +38,18 @@ class Schedule:
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
 
-    def step_indices(self, step: int) -> list[list[int]]:
-        """Row indices of each micro-batch of optimizer step `step` (0-based)."""
+    def step_indices(self, step: int, rank: int = 0) -> list[list[int]]:
+        """Row indices of process `rank`'s micro-batches in optimizer step `step` (0-based).
+
+        Every process gets the same number of micro-batches, since under DDP and FSDP each forward
+        and backward is a collective; in the last step of an epoch a process's share can be empty.
+        """
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.n_examples, generator=g).tolist()
         chunk = order[k * self.per_step:(k + 1) * self.per_step]
-        return [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        micro = self.batch_size * self.world_size
+        return [chunk[i:i + micro][rank::self.world_size] for i in range(0, len(chunk), micro)]
 
 
 def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -81,6 +89,13 @@ def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[
         cu = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         batch.update(position_ids=positions, cu_seqlens=cu)
     return batch
+
+
+def padding_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """One attended pad token with no trained label: the micro-batch of a process whose share is
+    empty, so it still joins the collective forward and backward; it adds nothing to loss or gradient."""
+    return {"input_ids": torch.tensor([[pad_id]]), "attention_mask": torch.ones((1, 1), dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE, dtype=torch.long)}
 
 
 def trained_tokens(labels: torch.Tensor) -> int:

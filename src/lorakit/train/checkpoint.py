@@ -3,6 +3,11 @@
 A save writes `step-N.tmp/`, fsyncs every file, writes manifest.json (sha256 and size of each file)
 last, then renames the folder to `step-N/` and only then removes old checkpoints. A folder without a
 valid manifest is never resumed from.
+
+With several processes every one calls `save` and `load`: the adapter and optimizer state are
+gathered whole (FSDP holds them in shards) and each process's RNG state is kept, but only the main
+process writes. The files are the same whatever the sharding; `load` restores them on the same
+number of processes (the loop refuses another number before calling it).
 """
 
 import hashlib
@@ -15,25 +20,51 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from lorakit.train import faults
 
 MANIFEST = "manifest.json"
+# Whole (unsharded) tensors of the trained parameters only: the frozen base is not saved.
+_TRAINED = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+_LOAD = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)  # the base is not in it
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, whole on every process. Collective under FSDP."""
+    state = get_model_state_dict(model, options=_TRAINED)
+    # A frozen weight tied to another (lm_head to embed_tokens) slips through ignore_frozen_params.
+    trained = {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in state.items() if name in trained}
 
 
 def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Every process calls it; the main process writes; all return once the checkpoint is in place."""
+    adapter = trained_state(model)
+    trainer = {"optimizer": get_optimizer_state_dict(model, optimizer, options=_TRAINED),
+               "scheduler": scheduler.state_dict(), "rng": gather_object([_rng_state()])}
+    final = ckpt_root / f"step-{step}"
+    if PartialState().is_main_process:
+        _write(ckpt_root, step, adapter, trainer, state, keep)
+    PartialState().wait_for_everyone()
+    return final
+
+
+def _write(ckpt_root: Path, step: int, adapter: dict, trainer: dict, state: dict, keep: int) -> None:
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
+    save_file(adapter, tmp / "adapter.safetensors")
     # Serialised in memory first: torch's zip writer turns a failed write (disk full, file-size
     # limit) into a RuntimeError; a plain write raises the OSError the loop reports.
     buffer = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               buffer)
+    torch.save(trainer, buffer)
     (tmp / "trainer.pt").write_bytes(buffer.getvalue())
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
     faults.at("save:files")
@@ -51,7 +82,6 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, k
     faults.at("save:rotate")
     for old in complete_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old)
-    return final
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -82,12 +112,12 @@ def remove_stale(ckpt_root: Path) -> None:
 
 
 def load(ckpt: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG states; returns state.json."""
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+    """Restore adapter, optimizer, scheduler and this process's RNG states; returns state.json."""
+    set_model_state_dict(model, load_file(ckpt / "adapter.safetensors"), options=_LOAD)
     trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    set_optimizer_state_dict(model, optimizer, trainer["optimizer"], options=_TRAINED)
     scheduler.load_state_dict(trainer["scheduler"])
-    _set_rng_state(trainer["rng"])
+    _set_rng_state(trainer["rng"][PartialState().process_index])
     return json.loads((ckpt / "state.json").read_text())
 
 

@@ -3,6 +3,7 @@
 Points: `kill@<point>` SIGKILLs the process (a crash with no cleanup), `enospc@<point>` raises a
 disk-full error, `nan@step-N` turns step N's loss into NaN. Save points are `save:files`,
 `save:manifest`, `save:rename` and `save:rotate`; `step-N:micro-K` is before micro-batch K of step N.
+With several training processes every one acts on it, unless `LORAKIT_FAULT_RANK=R` names the one.
 Unset (always, outside tests) it costs one dictionary lookup.
 """
 
@@ -17,7 +18,7 @@ def at(point: str) -> None:
     if not fault:
         return
     action, _, where = fault.partition("@")
-    if where != point:
+    if where != point or os.environ.get("LORAKIT_FAULT_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,6 +3,10 @@ maybe eval, maybe checkpoint → save the adapter → evaluate.
 
 A step's loss is the sum of token losses over all its micro-batches divided by the trained tokens of
 the whole step, so gradient accumulation is exactly a bigger batch, whatever the sequence lengths.
+
+Several processes (`lorakit train --nproc N`, `accelerate launch`, `torchrun`) each train a disjoint
+share of every step's rows; the trained tokens are summed over all of them first, so N processes of
+batch B train as one of batch N x B. Only the main process prints and writes files.
 """
 
 import contextlib
@@ -18,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import set_seed
 
 from lorakit import console, data, models, plan
 from lorakit.config import Config, config_to_dict, dump_config
 from lorakit.errors import LorakitError, RunFailed
 from lorakit.train import checkpoint, faults
-from lorakit.train.batches import Schedule, collate, trained_tokens
-from lorakit.train.loss import loss_sum
+from lorakit.train.batches import Schedule, collate, padding_batch, trained_tokens
+from lorakit.train.loss import TokenLoss
 
 
 class Interrupted(Exception):
@@ -52,49 +56,59 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     started = time.time()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
+    main = _process_state().is_main_process
+    console.only_main_process(main)
     _check_run_dir(out, resume)
     set_seed(cfg.seed)
 
     precision = models.resolve_precision(cfg.train.precision, PartialState().device)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision.name, precision.name))
+    accelerator = _accelerator(cfg, precision)
     model_path = models.resolve_model(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.trust_remote_code)
     template = Path(cfg.data.template).read_text() if cfg.data.template else None
     train_data, eval_data, report = data.prepare_run(cfg, tokenizer)
     method = _resolve_auto(cfg, accelerator.device, train_data.rows)
     fingerprint = run_fingerprint(cfg, report, model_path)
-    resume_from = _resume_point(ckpt_root, fingerprint, force) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale(ckpt_root)
+    resume_from = _resume_point(ckpt_root, fingerprint, force, accelerator.num_processes) if resume else None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale(ckpt_root)
+        (out / "data_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        dump_config(cfg, out / "config.yaml")
     console.data_summary(report)
-    (out / "data_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    dump_config(cfg, out / "config.yaml")
 
     base = models.load_base(cfg, model_path, precision, accelerator.device)
     checkpointing = _gradient_checkpointing(cfg, base)
     model = models.attach_lora(base, cfg, checkpointing)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+    schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed,
+                        accelerator.num_processes)
     total = schedule.total_steps(cfg.train.epochs, cfg.train.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # load_base already placed the weights (4-bit ones cannot move); the wrapper is DDP or FSDP, if any
+    wrapped, optimizer = accelerator.prepare(TokenLoss(model), optimizer, device_placement=[False, False])
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP swaps in sharded parameters
 
     step = 0
     if resume_from is not None:
-        step = checkpoint.load(resume_from, model, optimizer, scheduler)["step"]
-        _truncate_metrics(out / "metrics.jsonl", step)
+        step = checkpoint.load(resume_from, wrapped, optimizer, scheduler)["step"]
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", step)
         console.info(f"resumed from {resume_from} (step {step})")
     console.run_header(cfg, method, precision.name, checkpointing, total, schedule, model)
     last_loss, bad_steps = math.nan, []
-    with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as metrics, \
+    with _StopFlag() as stop, open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
             console.progress(total, step, cfg.train.log_every) as bar:
         while step < total:
             t0 = time.time()
-            micro = [collate([train_data.rows[i] for i in idx], tokenizer.pad_token_id)
-                     for idx in schedule.step_indices(step)]
-            n_trained = sum(trained_tokens(b["labels"]) for b in micro)
-            step_loss = _accumulate(accelerator, model, micro, n_trained, step + 1)
+            shares = schedule.step_indices(step, accelerator.process_index)
+            micro = [collate([train_data.rows[i] for i in idx], tokenizer.pad_token_id) if idx
+                     else padding_batch(tokenizer.pad_token_id) for idx in shares]
+            n_trained, tokens = _all_processes(accelerator, sum(trained_tokens(b["labels"]) for b in micro),
+                                               sum(int(b["attention_mask"].sum()) for b, i in zip(micro, shares) if i))
+            step_loss = _accumulate(accelerator, wrapped, micro, n_trained, step + 1)
+            step_loss, stopping = _all_processes(accelerator, step_loss, stop.requested)  # the same on every one
             grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if finite:
@@ -104,7 +118,6 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
             scheduler.step()
             step += 1
             last_loss = step_loss
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "trained_tokens": n_trained, "tok_s": tokens / (time.time() - t0),
                       "mem_gib": console.memory_gib(accelerator.device)}
@@ -115,7 +128,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
                              f"({len(bad_steps)} of at most {cfg.train.max_bad_steps})")
             if step % cfg.train.eval_every == 0 or (step == total and eval_data is not None):
                 if eval_data is not None:
-                    record["eval_loss"] = evaluate_loss(accelerator, model, eval_data.examples,
+                    record["eval_loss"] = evaluate_loss(accelerator, wrapped, eval_data.examples,
                                                         tokenizer.pad_token_id, cfg.train.batch_size)
             if step % cfg.train.log_every == 0 or step == total or "eval_loss" in record or not finite:
                 metrics.write(json.dumps(record) + "\n")  # non-finite values are logged, never filtered
@@ -125,46 +138,51 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
                 raise RunFailed(f"non-finite loss or gradient at steps {bad_steps}: stopping (train.max_bad_steps="
                                 f"{cfg.train.max_bad_steps}). Lower train.lr, keep train.max_grad_norm set, or use "
                                 f"precision=bf16/fp32 instead of fp16; resume from the last checkpoint with --resume.")
-            if step % cfg.train.save_every == 0 or stop.requested:
+            if step % cfg.train.save_every == 0 or stopping:
                 with _disk_errors(ckpt_root):
-                    checkpoint.save(ckpt_root, step, model, optimizer, scheduler, fingerprint,
+                    checkpoint.save(ckpt_root, step, wrapped, optimizer, scheduler,
+                                    {**fingerprint, "world_size": accelerator.num_processes},
                                     cfg.train.keep_checkpoints)
-            if stop.requested:
+            if stopping:
                 raise Interrupted(f"stopped at step {step}; checkpoint saved in {ckpt_root}/step-{step}. "
                                   f"Continue with: lorakit train {out}/config.yaml --resume")
 
     adapter_dir = out / "adapter"
-    model = accelerator.unwrap_model(model)
-    if not all(torch.isfinite(p).all() for p in trainable):
+    weights = {k.removeprefix("model."): v for k, v in checkpoint.trained_state(wrapped).items()}
+    if not all(torch.isfinite(w).all() for w in weights.values()):
         raise RunFailed(f"the adapter holds non-finite weights after step {step}; it was not saved. Resume from an "
                         f"earlier checkpoint with a lower train.lr.")
-    with _disk_errors(adapter_dir):
-        save_adapter(model, tokenizer, template, adapter_dir)
+    if main:
+        with _disk_errors(adapter_dir):
+            save_adapter(model, tokenizer, template, adapter_dir, weights)
+    accelerator.wait_for_everyone()
     return TrainResult(out, adapter_dir, step, last_loss, time.time() - started, model=model)
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, examples, pad_id: int, batch_size: int) -> float:
-    """Mean loss per trained token over `examples`."""
+def evaluate_loss(accelerator, model: TokenLoss, examples, pad_id: int, batch_size: int) -> float:
+    """Mean loss per trained token over `examples`. Every process computes it over all of them: each
+    forward is a collective under FSDP, so the processes must run the same ones."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with accelerator.autocast():
-            total += loss_sum(model, batch).item()
+            total += model(batch).item()
         count += trained_tokens(batch["labels"])
     model.train()
     return total / max(count, 1)
 
 
-def save_adapter(model, tokenizer, template: str | None, adapter_dir: Path) -> None:
+def save_adapter(model, tokenizer, template: str | None, adapter_dir: Path, weights: dict | None = None) -> None:
     """PEFT adapter + tokenizer + chat template + a generation config that stops on the end-of-turn
-    token(s), written to a temp folder and renamed into place."""
+    token(s), written to a temp folder and renamed into place. `weights`: the trained parameters by
+    name, whole, when the model holds them in shards (FSDP)."""
     from transformers import GenerationConfig
 
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(tmp)
@@ -181,7 +199,7 @@ def _check_run_dir(out: Path, resume: bool) -> None:
                            f"--resume, or choose another output_dir=... (or delete {out}).")
 
 
-def _resume_point(ckpt_root: Path, fingerprint: dict, force: bool) -> Path:
+def _resume_point(ckpt_root: Path, fingerprint: dict, force: bool, world_size: int) -> Path:
     """The newest checkpoint whose files match their manifest, made by this same run setup."""
     for ckpt in reversed(checkpoint.complete_checkpoints(ckpt_root)):
         problem = checkpoint.verify(ckpt)
@@ -189,6 +207,11 @@ def _resume_point(ckpt_root: Path, fingerprint: dict, force: bool) -> Path:
             console.warn(f"skipping checkpoint {ckpt}: {problem}")
             continue
         saved = json.loads((ckpt / "state.json").read_text())
+        if saved["world_size"] != world_size:  # each process's share of every batch depends on it
+            raise LorakitError(f"--resume: {ckpt} was written by a run of {saved['world_size']} process(es); this run "
+                               f"has {world_size}. Resume with the same count (lorakit train ... --resume --nproc "
+                               f"{saved['world_size']}, or as many accelerate/torchrun processes), or start a new "
+                               f"run in another output_dir.")
         changed = _changes(saved, fingerprint)
         if changed and not force:
             raise LorakitError(f"--resume: {ckpt} was made with a different setup: {'; '.join(changed)}. Undo the "
@@ -249,20 +272,58 @@ def _hash_files(root: Path, names: list[str], content: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def _accumulate(accelerator, model, micro: list[dict], n_trained: int, step: int) -> float:
-    """Forward and backward every micro-batch of one optimizer step; returns the step's loss."""
-    step_loss = 0.0
+def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int, step: int) -> float:
+    """Forward and backward this process's micro-batches of one optimizer step; returns its part of
+    the step's loss. `n_trained` counts the step's trained tokens on all processes; DDP and FSDP
+    average the gradients of the processes, so each loss is scaled by their number to make the
+    update that of the whole step. Gradients are exchanged once, after the last micro-batch."""
+    world, step_loss = accelerator.num_processes, 0.0
     model.train()
     for k, batch in enumerate(micro):
         faults.at(f"step-{step}:micro-{k}")
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-        with accelerator.autocast():
-            loss = loss_sum(model, batch) / n_trained
-            if faults.poisons(step):
-                loss = loss * math.nan
-        accelerator.backward(loss)
-        step_loss += loss.item()
+        last = k == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = model(batch) * world / n_trained
+                if faults.poisons(step):
+                    loss = loss * math.nan
+            accelerator.backward(loss)
+        step_loss += loss.item() / world
     return step_loss
+
+
+def _all_processes(accelerator, *values: float) -> list:
+    """Each value summed over the training processes (one all-reduce), as the type it came in."""
+    summed = accelerator.reduce(torch.tensor([float(v) for v in values], dtype=torch.float64,
+                                             device=accelerator.device), "sum").tolist()
+    return [type(v)(s) for v, s in zip(values, summed)]
+
+
+def _accelerator(cfg: Config, precision: models.Precision) -> Accelerator:
+    """DDP when several processes run (accelerate's default), or FSDP2 when train.distributed is fsdp:
+    each GPU then holds a shard of the frozen base, for models that one GPU cannot hold."""
+    mixed = {"fp32": "no"}.get(precision.name, precision.name)
+    cpu = _process_state().device.type == "cpu"
+    if cfg.train.distributed != "fsdp":
+        return Accelerator(mixed_precision=mixed, cpu=cpu)
+    if PartialState().device.type != "cuda":  # accelerate shards only on GPU-type devices
+        raise LorakitError(f"train.distributed: fsdp needs CUDA GPUs; this process runs on "
+                           f"{PartialState().device}. Use train.distributed=ddp (or auto) on CPU.")
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # Weights gathered in the run's precision; gradients summed in fp32; outputs left as computed, so
+    # the loss stays fp32 (accelerate's default casts it to 16 bits, which rounds the logged loss).
+    policy = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
+    return Accelerator(mixed_precision=mixed, cpu=cpu,
+                       fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=policy))
+
+
+def _process_state() -> PartialState:
+    """This process's place among the training processes (set up on first call). Without an
+    accelerator, accelerate must be told to use CPU processes (gloo), or each launched process
+    would train alone."""
+    return PartialState(cpu=not torch.accelerator.is_available())
 
 
 @contextlib.contextmanager

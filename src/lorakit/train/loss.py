@@ -102,3 +102,17 @@ def reference_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     target = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+
+
+class TokenLoss(torch.nn.Module):
+    """The module the accelerator wraps: its forward is `loss_sum`. `loss_sum` calls the decoder past
+    the model's own forward, so wrapping the model itself would hide that forward from DDP (which
+    then never synchronises gradients) and from FSDP (which then never gathers the weights)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = model._no_split_modules  # FSDP shards each transformer block as a unit
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(self.model, batch)
