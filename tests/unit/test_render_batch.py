@@ -120,3 +120,11 @@ def test_prepare_reports_the_same_whatever_the_batch(tmp_path, smol_tokenizer, m
     assert runs[0] == runs[1] == runs[2]
     lines_named = [int(m.split(":")[1]) for m in runs[0][1]["messages"]]
     assert lines_named == [2, 4, 5] and runs[0][0]["examples_kept"] == 3
+
+
+def test_conversation_starting_with_the_assistant_is_reported_not_crashed(smol_tokenizer):
+    from lorakit.data.render import RenderError, render
+
+    with pytest.raises(RenderError, match=r"x.jsonl:3: assistant turn messages\[0\]: the conversation starts with"):
+        render(smol_tokenizer, [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hey"}],
+               source="x.jsonl:3")

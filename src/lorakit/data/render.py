@@ -154,7 +154,7 @@ def _job(tokenizer, example: Example, loss_on: str, template: str | None) -> _Jo
     needs = [(len(messages), False)]
     if trace:
         for i in _trained(messages, train_from):
-            if i == 0:  # `render` tries to render an empty conversation; it raises as it always did
+            if i == 0:  # nothing to render before it: `render` reports it
                 return None
             needs += [(i, True)] + ([(i + 1, False)] if i + 1 < len(messages) else [])
     return _Job(messages, tuple(needs), trace, train_from, example.source)
@@ -286,6 +286,10 @@ def _turns(tokenizer, messages: list[dict], full: str, rendered, source: str, tr
     for i in _trained(messages, train_from):
         message = messages[i]
         where = f"{source}: assistant turn messages[{i}]"
+        if i == 0:  # a chat template cannot render the empty prompt in front of it
+            raise RenderError(f"{where}: the conversation starts with the assistant, so there is no prompt "
+                              "to train an answer to; start it with a user (or system) message, or use "
+                              "data.loss_on: all")
         before = rendered(i, True)
         if not full.startswith(before):
             raise RenderError(
