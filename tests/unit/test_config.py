@@ -55,6 +55,7 @@ def test_defaults_match_design(tmp_path):
             "max_grad_norm": 1.0,
             "precision": "auto",
             "gradient_checkpointing": "auto",
+            "compile": True,
             "save_every": 200,
             "keep_checkpoints": 2,
             "eval_every": 200,

@@ -114,7 +114,7 @@ def remove_stale(ckpt_root: Path) -> None:
 def load(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer, scheduler and this process's RNG states; returns state.json."""
     set_model_state_dict(model, load_file(ckpt / "adapter.safetensors"), options=_LOAD)
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)  # tensors and plain values: no code runs
     set_optimizer_state_dict(model, optimizer, trainer["optimizer"], options=_TRAINED)
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"][PartialState().process_index])
@@ -122,7 +122,10 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so that loading needs no pickle (weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -130,7 +133,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
