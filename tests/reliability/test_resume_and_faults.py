@@ -147,9 +147,15 @@ def test_non_finite_loss_is_logged_skipped_and_bounded(tiny_cfg, monkeypatch):
     assert not (result.output_dir.parent / "stop" / "adapter").exists()
 
 
-@pytest.mark.wip  # failed once under load on the shared 2-core machine: investigate
 def test_gradient_accumulation_equals_one_big_batch(tiny_cfg):
-    runs = [lorakit.train(tiny_cfg(f"bs{b}", f"train.batch_size={b}", f"train.grad_accum={8 // b}"))
+    """(8 x 1), (2 x 4), (1 x 8) on examples of different lengths: the same token-weighted gradient.
+    lr 1e-3: the sums differ in float rounding order only, and Adam turns a rounding difference in a
+    near-zero gradient into a full-size update difference (at lr 1e-2 that reached 8.7e-5)."""
+    runs = [lorakit.train(tiny_cfg(f"bs{b}", f"train.batch_size={b}", f"train.grad_accum={8 // b}", "train.lr=1e-3"))
             for b in (8, 2, 1)]
     adapters = [_adapter(r.output_dir) for r in runs]
-    assert _same(adapters[0], adapters[1], atol=1e-5) and _same(adapters[0], adapters[2], atol=1e-5)
+    diffs = [max(float((a[k] - adapters[0][k]).abs().max()) for k in a) for a in adapters[1:]]
+    assert adapters[0].keys() == adapters[1].keys() == adapters[2].keys()
+    assert max(diffs) <= 1e-5, diffs
+    assert [m["trained_tokens"] for m in _metrics(runs[0].output_dir)] == [
+        m["trained_tokens"] for m in _metrics(runs[2].output_dir)]  # same examples in every step
