@@ -7,17 +7,19 @@ export LORAKIT_HOME ?= $(HOME)/.cache/lorakit
 MODEL := $(LORAKIT_HOME)/models/smollm2-135m/config.json
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-all install model clean
+.PHONY: demo test test-fast install model clean
 
 demo: $(VENV)/.installed $(MODEL)
 	rm -rf runs/demo
 	$(VENV)/bin/lorakit train examples/support_tickets/config.yaml
 
+# Everything, about 9-10 minutes on 2 cores (tests/gpu skips without CUDA).
 test: $(VENV)/.installed-dev $(MODEL) $(CHROMIUM)
-	$(PY) -m pytest -q --durations=8 -m "not wip"
-
-test-all: $(VENV)/.installed-dev $(MODEL) $(CHROMIUM)
 	$(PY) -m pytest -q --durations=8
+
+# Unit tests and fuzzing only, about a minute: for the edit-test loop.
+test-fast: $(VENV)/.installed-dev $(MODEL)
+	$(PY) -m pytest -q -m "not slow" tests/unit tests/reliability/test_fuzz_inputs.py
 
 install: $(VENV)/.installed
 

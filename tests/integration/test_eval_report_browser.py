@@ -58,8 +58,9 @@ def test_eval_writes_reports_that_render_in_chromium(overfit_config, tmp_path):
     assert summary["n"] == 8 and list(summary["metrics"]) == ["exact_match", "token_f1", "rouge_l", "loss",
                                                               "perplexity", "stop_rate", "length"]
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    # the same masks and loss as training: tuned loss is the eval loss training logged on this file
-    assert summary["tuned"]["loss"] == pytest.approx(log[-1]["eval_loss"], rel=1e-4)
+    # the same masks and loss as training: tuned loss is the eval loss training logged on this file (to
+    # float rounding: eval takes it from the KV-cached generation pass, training from one full forward)
+    assert summary["tuned"]["loss"] == pytest.approx(log[-1]["eval_loss"], rel=1e-3, abs=1e-5)
     assert summary["delta"]["loss"]["ci95"][1] < 0 and summary["delta"]["loss"]["wins"] == 8  # it learned them
     assert summary["run"]["data_fingerprint"].startswith("sha256:") and summary["run"]["train"]["steps"] == 4
     rows = [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
