@@ -9,7 +9,7 @@ max_memory_allocated vs the planner's `allocated`; steps 3-6 are timed for token
 configuration (OOM, say) is recorded and the next one runs.
 
 CPU (--cpu): the embedded smollm2-135m and small random models, one subprocess per configuration
-(with `plan.limit_cpu_heap()`, as train sets it), peak RSS (VmHWM) vs the planner's total, and the
+(with `plan.limit_cpu_heap()`), peak RSS (VmHWM) vs the planner's total, and the
 allocator's own peak (torch profiler memory events) vs the planner's `allocated`.
 
     python benchmarks/plan_memory.py            # GPU, 13 configurations (~80 s of steps on an H200)
@@ -250,7 +250,8 @@ def child_cpu(c: dict) -> dict:
     from lorakit import console, models
 
     console.quiet_libraries()
-    plan.limit_cpu_heap()  # as train does on CPU
+    plan.limit_cpu_heap()  # freed memory leaves RSS at once: RSS follows the allocator's peak
+    plan.RUNTIME["cpu_retained"] = plan.RUNTIME["cpu_retained_heap_limited"]
     device = torch.device("cpu")
     precision = models.resolve_precision("fp32", device)
     if c["arch"] == "tiny":

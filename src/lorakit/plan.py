@@ -186,7 +186,11 @@ RUNTIME = {
     "cuda_context": 0.75 * GiB,  # measured (H200, torch 2.11, CUDA 13): device use outside the allocator
     "cuda_slack": 0.10,  # measured (H200): reserved exceeds the allocated peak by 0.4-10%, most with checkpointing
     "cpu_process": 0.43 * GiB,  # measured: RSS of lorakit with torch, transformers, peft loaded, no weights
-    "cpu_retained": 0.03,  # measured: what the heap keeps of the step's memory (limit_cpu_heap on)
+    # measured: what glibc's heap keeps of the step's memory. As train runs (glibc defaults):
+    # smollm2-135m, demo config, 3.71 GB peak RSS after 2 steps and 3.73 after 8, for 1.54 GB of
+    # activations + loss buffers. With limit_cpu_heap (benchmarks/plan_memory.py): 0.03.
+    "cpu_retained": 0.70,
+    "cpu_retained_heap_limited": 0.03,
 }
 
 
@@ -575,8 +579,10 @@ def limit_cpu_heap() -> bool:
     training step on, activations below 32 MiB then come from the heap, which keeps freed memory
     resident: smollm2-135m at 8 x 128 tokens peaked at 5.1 GiB RSS for 2.9 GiB of tensors, and
     still held 4.6 GiB after the step. Fixing the threshold at 128 KiB gave a 3.4 GiB peak, 1.0 GiB
-    after the step: RSS = the process + the allocator's peak, which is what `plan` predicts.
-    `train` calls this before the first step on CPU. Returns whether the setting took."""
+    after the step: RSS = the process + the allocator's peak. `train` does not call it: every
+    activation then costs an mmap and page faults, which halved training speed on the demo (95 vs
+    175 tok/s); benchmarks/plan_memory.py does, to compare the allocator's peak exactly, and sets
+    RUNTIME["cpu_retained"] to the limited figure. Returns whether the setting took."""
     import ctypes
     import ctypes.util
 
@@ -724,7 +730,7 @@ def plan(cfg, gpu_mem_bytes: float | None = None, gpu_name: str | None = None, *
         notes.append(f"no data.train file found: assumed rows of data.max_length={cfg.data.max_length} tokens, "
                      f"every token trained")
     if device.kind == "cpu":
-        notes.append("CPU: memory is the process's peak RSS (with lorakit's heap setting, plan.limit_cpu_heap)")
+        notes.append("CPU: memory is the process's peak RSS, including what the C heap keeps of freed activations")
     return Plan(cfg.model, {"model_type": arch.model_type, "layers": arch.layers, "hidden": arch.hidden,
                             "vocab": arch.vocab}, arch.params, arch.lora_params(cfg.lora.r, _targets(cfg)),
                 device.label, device.kind, device.memory, precision, asdict(work), options, configured.label,

@@ -120,7 +120,6 @@ _TRAIN_AND_MEASURE = """
 import json, sys
 import lorakit
 from lorakit import plan
-plan.limit_cpu_heap()  # what train does on CPU (the planner assumes it)
 cfg = lorakit.load_config(sys.argv[1], sys.argv[2:])
 p = plan.plan(cfg)
 lorakit.train(cfg)

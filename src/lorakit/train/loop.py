@@ -368,8 +368,6 @@ def _resolve_auto(cfg: Config, device: torch.device, rows) -> str:
     """Settle `method: auto` and `train.batch_size: auto` through the planner's memory model of this
     device and these rows; the choice is logged and written to the run's config.yaml, so a resume
     reads it back instead of deciding again."""
-    if device.type == "cpu":
-        plan.limit_cpu_heap()  # freed activations go back to the OS: the RSS plan predicts
     if "auto" in (cfg.method, cfg.train.batch_size):
         cfg.method, cfg.train.batch_size, reason = plan.resolve_auto(cfg, device, rows)
         console.info(f"auto: {reason}")
