@@ -63,7 +63,7 @@ def test_defaults_match_design(tmp_path):
             "max_bad_steps": 3,
             "distributed": "auto",
         },
-        "eval": {"prompts": None, "max_new_tokens": 256, "after_train": True, "limit": None, "batch_size": 16},
+        "eval": {"prompts": None, "max_new_tokens": 256, "after_train": True, "limit": None, "batch_size": 64},
     }
 
 
