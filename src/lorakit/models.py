@@ -225,6 +225,10 @@ def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if next(peft_model.parameters()).device.type == "cpu":
+        from lorakit.train import fast
+
+        fast.cheap_dropout(peft_model)  # torch's CPU dropout was a fifth of a training step
     return peft_model
 
 

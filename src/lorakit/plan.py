@@ -261,8 +261,8 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     # What each LoRA layer keeps: the input of lora_A (and the dropout mask), and lora_A's output.
     # method lora under autocast: PEFT casts x to fp32 for the fp32 adapter, autocast casts it back
     # to 16-bit, a new tensor per LoRA layer. Otherwise x itself is kept, shared by the layers of a
-    # group, unless dropout makes a new tensor per layer. CUDA dropout keeps a bool mask, the CPU
-    # one a noise tensor of the input's dtype.
+    # group, unless dropout makes a new tensor per layer. Dropout keeps a bool mask (CUDA's, and
+    # lorakit's BytesDropout on CPU).
     per_layer = 0.0
     for group in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
         targeted = [l for l in arch.targeted(step.targets) if l.group == group]
@@ -270,8 +270,7 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
             continue
         n = targeted[0].n_in
         cast = step.method == "lora" and autocast
-        x_bytes = 4 if (cast or not autocast) else 2  # the dtype dropout sees
-        mask = (1 if cuda else x_bytes) if step.dropout > 0 else 0
+        mask = 1 if step.dropout > 0 else 0
         if cast or step.dropout > 0:
             per_token += len(targeted) * n * (a + mask)
         elif group != "attn_out":  # attn_out's input is SDPA's output, already counted

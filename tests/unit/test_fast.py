@@ -62,3 +62,39 @@ def test_fused_chunk_step_computes_the_reference(dtype):
     assert got_grad.dtype == dtype
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(got_grad.float(), want_grad.to(dtype).float(), rtol=1e-2, atol=1e-6)
+
+
+def test_bytes_dropout_matches_nn_dropout_in_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(512, 1024, requires_grad=True)
+    drop = fast.BytesDropout(0.1)
+    out = drop(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002  # the rate nn.Dropout(0.1) draws
+    assert torch.equal(out[kept], x[kept] * drop.scale) and drop.scale == pytest.approx(1 / 0.9, rel=1e-5)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, kept * drop.scale)  # gradient flows through the kept elements only
+    reference = torch.nn.Dropout(0.1)(torch.ones(512, 1024))
+    assert reference.mean().item() == pytest.approx(drop(torch.ones(512, 1024)).mean().item(), abs=0.01)
+
+
+def test_bytes_dropout_is_seeded_and_off_in_eval():
+    x = torch.randn(64, 33)
+    drop = fast.BytesDropout(0.5)
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x)) and not torch.equal(a, drop(x))
+    assert drop.eval()(x) is x and fast.BytesDropout(0.0)(x) is x
+
+
+def test_cpu_training_gets_bytes_dropout(tiny_model_dir):
+    from lorakit.config import Config
+
+    cfg = Config(model=tiny_model_dir)
+    base = models.load_base(cfg, tiny_model_dir, models.resolve_precision("fp32", torch.device("cpu")),
+                            torch.device("cpu"))
+    model = models.attach_lora(base, cfg, gradient_checkpointing=False)
+    drops = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+             for d in m.lora_dropout.values()]
+    assert drops and all(isinstance(d, fast.BytesDropout) and d.p == cfg.lora.dropout for d in drops)

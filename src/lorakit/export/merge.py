@@ -146,7 +146,8 @@ def merged_model(run: Run, trained_base=None):
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch.float32,
-                                                 trust_remote_code=run.cfg.trust_remote_code)
+                                                 trust_remote_code=run.cfg.trust_remote_code,
+                                                 **models.weight_loading(run.model_path, run.cfg.allow_pickle))
     if trained_base is not None:
         _copy_weights(trained_base, dense)
     return PeftModel.from_pretrained(dense, run.adapter).merge_and_unload().eval()
