@@ -20,6 +20,7 @@ from lorakit import console, models
 from lorakit.config import Config, load_config
 from lorakit.data.load import read_messages
 from lorakit.data.render import eot_token_ids
+from lorakit.data.sandbox import render_chat
 from lorakit.errors import LorakitError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -207,7 +208,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> torch.Tensor:
     """A (1, n) tensor: the conversation through the chat template with the generation prompt, and BOS
     only if the template leaves it out and the tokenizer would add it."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tokenizer, messages, None, add_generation_prompt=True)  # bounded sandbox
     except jinja2.TemplateError as e:  # e.g. a template that allows no system message
         raise LorakitError(f"the chat template refused this conversation: {e}") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import jinja2
 
 from lorakit import console
+from lorakit.data.sandbox import render_chat
 from lorakit.export.merge import adds_bos
 
 
@@ -58,7 +59,7 @@ def match_family(tokenizer) -> tuple[Family, str | None] | None:
     """The family whose rendering equals the tokenizer's chat template, and the default system prompt
     the template adds when a conversation has none; None when no family matches."""
     def jinja(messages):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tokenizer, messages, None, add_generation_prompt=True)
         bos = tokenizer.bos_token
         # llama.cpp adds BOS itself when the tokenizer does (add_bos_token in the GGUF); Ollama's
         # template must then leave it out.
