@@ -7,8 +7,8 @@ accumulation), the settings of the seed/TRL table in ../shared/gpu/README.md. Ea
 
   reference  the plain PyTorch path: eager layers, full logits, F.cross_entropy (train.loss.reference_loss_sum)
   eager      lorakit as of session 1: eager layers, frozen-head chunked CE with the eager chunk step
-  ce         eager layers, the compiled CE step (lorakit on CUDA without models.speedups)
-  fast       lorakit's default on CUDA: models.speedups + the compiled CE step. Without checkpointing
+  ce         eager layers, the compiled CE step (lorakit on CUDA without fast.speedups)
+  fast       lorakit's default on CUDA: fast.speedups + the compiled CE step. Without checkpointing
              each decoder layer is compiled whole; with it, each layer's children (eager checkpoint)
   selective  whole layers compiled with checkpointing traced inside them (fast.compile_layers):
              the 4-bit matmul outputs are kept, the rest recomputed
@@ -130,7 +130,7 @@ class Setup:
             raise Skipped(f"compiling this model failed in an earlier arm ({self.compile_error})")
         if not self.compiled:
             if path == "fast":
-                models.speedups(self.model, self.device)  # picks the form from the checkpointing state
+                fast.speedups(self.model, self.device)  # picks the form from the checkpointing state
             else:
                 fast.compile_layers(self.model)
             self.compiled = form

@@ -230,12 +230,3 @@ def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
 
         fast.cheap_dropout(peft_model)  # torch's CPU dropout was a fifth of a training step
     return peft_model
-
-
-def speedups(model, device: torch.device):
-    """The GPU fast path for a model with LoRA attached, called after checkpointing is set up
-    (lorakit.train.fast): on CUDA the decoder layers are compiled (their children, when checkpointing
-    is on); on any other device the model is returned untouched."""
-    from lorakit.train import fast
-
-    return fast.speedups(model, device)

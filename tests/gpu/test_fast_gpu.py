@@ -1,5 +1,5 @@
 """The CUDA fast path against the plain PyTorch reference, on fresh random inputs: compiled decoder
-layers or layer children (models.speedups, fast.compile_layers) with 4-bit or bf16 base + LoRA, with
+layers or layer children (fast.speedups, fast.compile_layers) with 4-bit or bf16 base + LoRA, with
 and without checkpointing, and the compiled cross-entropy step. Run on the GPU machine: python -m pytest tests/gpu -m gpu."""
 
 import pytest

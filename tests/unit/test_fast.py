@@ -22,7 +22,7 @@ def _tiny_lora():
 
 def test_speedups_leave_a_cpu_model_untouched():
     model = _tiny_lora()
-    assert models.speedups(model, torch.device("cpu")) is model
+    assert fast.speedups(model, torch.device("cpu")) is model
     assert len(fast.decoder_layers(model)) == 2
     assert all(layer._compiled_call_impl is None for layer in fast.decoder_layers(model))
 

@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from lorakit import console, data, models, plan
 from lorakit.config import Config, config_to_dict, dump_config
 from lorakit.errors import LorakitError, RunFailed
-from lorakit.train import checkpoint, faults
+from lorakit.train import checkpoint, fast, faults
 from lorakit.train.batches import Schedule, collate, padding_batch, trained_tokens
 from lorakit.train.loss import TokenLoss
 
@@ -81,7 +81,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     checkpointing = _gradient_checkpointing(cfg, base)
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
-        model = models.speedups(model, accelerator.device)  # CUDA only; the eager path is the reference
+        model = fast.speedups(model, accelerator.device)  # CUDA only; the eager path is the reference
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed,
@@ -226,8 +226,8 @@ def _resume_point(ckpt_root: Path, fingerprint: dict, force: bool, world_size: i
 
 
 # Keys a resumed run may change without changing what it computes.
-_RESUME_FREE = ("output_dir", "allow_pickle", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
-                "train.max_bad_steps", "eval.")
+_RESUME_FREE = ("output_dir", "allow_pickle", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                "train.eval_every", "train.max_bad_steps", "eval.")
 
 
 def run_fingerprint(cfg: Config, report: dict, model_path: str) -> dict:
