@@ -12,6 +12,12 @@ accumulation), the settings of the seed/TRL table in ../shared/gpu/README.md. Ea
              each decoder layer is compiled whole; with it, each layer's children (eager checkpoint)
   selective  whole layers compiled with checkpointing traced inside them (fast.compile_layers):
              the 4-bit matmul outputs are kept, the rest recomputed
+  cudagraphs whole layers compiled with mode="reduce-overhead" (CUDA graphs): an experiment
+
+Each step is the training loop's own (train.loop: micro-batches from pinned CPU memory, the trained
+positions worked out on the CPU, the loss kept on the GPU until the step ends, fused AdamW). Arms
+ending in `-s2` run session 2's step for comparison: the host waited for the GPU at every micro-batch
+(its loss, the trained positions) and AdamW ran as foreach kernels.
 
 Compiling cannot be undone, so one model serves one compiled form: a --only list that needs both
 (fast arms with and without checkpointing, or fast and selective) records the later ones as errors;
@@ -23,7 +29,10 @@ Every arm of an architecture starts from the same LoRA initialisation and sees t
 each step's loss is comparable across arms; fast arms report the largest relative difference from
 the first reference arm of their architecture ("loss within 1%").
 
-usage: python benchmarks/gpu_throughput.py [--steps N] [--only NAME ...] [--out FILE]
+The TRL arms (TRL_ARMS: the seed guide's script and tuned TRL, benchmarks/trl_baseline.py) run first,
+each in a child process, so one command gives the whole table.
+
+usage: python benchmarks/gpu_throughput.py [--steps N] [--only NAME ...] [--out FILE] [--trl-steps N --tokenizer DIR]
                                           [--profile NAME ... --profile-dir DIR] [--budget-s S]
 Arms run in --only order, grouped by model (one load each), a model's reference and eager arms first.
 Prints one JSON line per arm and a table, and writes them all to --out (after every arm); arms not
@@ -37,14 +46,17 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from unittest import mock
 
 import torch
+from accelerate import Accelerator
 
 from lorakit import models
 from lorakit.config import load_config
-from lorakit.train import fast, loss
+from lorakit.train import batches, fast, loop, loss
 
 ARCHS = {
     "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -61,6 +73,8 @@ ARMS = {
     "qwen-qlora-mb8-ckpt": ("qwen3-0.6b", "qlora", 8, True, "eager"),
     "qwen-qlora-mb8-ce": ("qwen3-0.6b", "qlora", 8, False, "ce"),
     "qwen-qlora-mb8-fast": ("qwen3-0.6b", "qlora", 8, False, "fast"),
+    "qwen-qlora-mb8-fast-s2": ("qwen3-0.6b", "qlora", 8, False, "fast"),
+    "qwen-qlora-mb8-cg": ("qwen3-0.6b", "qlora", 8, False, "cudagraphs"),
     "qwen-qlora-mb8-ckpt-fast": ("qwen3-0.6b", "qlora", 8, True, "fast"),
     "llama-qlora-mb2-ref": ("llama-8b", "qlora", 2, False, "reference"),
     "llama-qlora-mb8": ("llama-8b", "qlora", 8, False, "eager"),
@@ -69,16 +83,31 @@ ARMS = {
     "llama-qlora-mb8-ckpt": ("llama-8b", "qlora", 8, True, "eager"),
     "llama-qlora-mb2-fast": ("llama-8b", "qlora", 2, False, "fast"),
     "llama-qlora-mb4-fast": ("llama-8b", "qlora", 4, False, "fast"),
+    "llama-qlora-mb4-fast-s2": ("llama-8b", "qlora", 4, False, "fast"),
     "llama-qlora-mb8-ckpt-fast": ("llama-8b", "qlora", 8, True, "fast"),
     "llama-qlora-mb4-ckpt-fast": ("llama-8b", "qlora", 4, True, "fast"),
     "llama-qlora-mb8-sel": ("llama-8b", "qlora", 8, True, "selective"),
     "llama-qlora-mb4-sel": ("llama-8b", "qlora", 4, True, "selective"),
+    "llama-qlora-mb2-cg": ("llama-8b", "qlora", 2, False, "cudagraphs"),
+    "llama-qlora-mb4-cg": ("llama-8b", "qlora", 4, False, "cudagraphs"),
     "llama-lora-mb2-ref": ("llama-8b", "lora", 2, False, "reference"),
     "llama-lora-mb2-fast": ("llama-8b", "lora", 2, False, "fast"),
+    "llama-lora-mb4-fast": ("llama-8b", "lora", 4, False, "fast"),
+    "llama-lora-mb8-fast": ("llama-8b", "lora", 8, False, "fast"),
+    "llama-lora-mb4-sel": ("llama-8b", "lora", 4, True, "selective"),
+}
+# name: (arch, variant of benchmarks/trl_baseline.py): the seed guide's script through TRL, run first,
+# each in a child process (Liger patches transformers' model classes for the whole process)
+TRL_ARMS = {
+    "qwen-trl-seed": ("qwen3-0.6b", "seed"),
+    "qwen-trl-tuned": ("qwen3-0.6b", "tuned"),
+    "llama-trl-seed": ("llama-8b", "seed"),
+    "llama-trl-tuned": ("llama-8b", "tuned"),
+    "llama-trl-lora-tuned": ("llama-8b", "lora-tuned"),
 }
 SEQ, TOKENS_PER_STEP = 2048, 16384
-PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "selective": 4}
-COMPILED = ("fast", "selective")  # compiling is one-way: eager arms of a model run first
+PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "selective": 4, "cudagraphs": 5}
+COMPILED = ("fast", "selective", "cudagraphs")  # compiling is one-way: eager arms of a model run first
 
 
 def random_model_dir(arch: str) -> str:
@@ -125,14 +154,14 @@ class Setup:
         self.compile_error = None  # a failed compile is not retried by the next fast arm
 
     def _compile(self, path: str, ckpt: bool):
-        form = "blocks" if path == "fast" and ckpt else "layers"
+        form = "blocks" if path == "fast" and ckpt else "cudagraphs" if path == "cudagraphs" else "layers"
         if self.compile_error:
             raise Skipped(f"compiling this model failed in an earlier arm ({self.compile_error})")
         if not self.compiled:
             if path == "fast":
                 fast.speedups(self.model, self.device)  # picks the form from the checkpointing state
             else:
-                fast.compile_layers(self.model)
+                fast.compile_layers(self.model, mode="reduce-overhead" if path == "cudagraphs" else None)
             self.compiled = form
         if self.compiled != form:
             raise Skipped(f"this model's layers are compiled as {self.compiled}, this arm needs {form}: "
@@ -164,37 +193,54 @@ def step_loss_fn(path: str):
     return loss.loss_sum, contextlib.nullcontext()
 
 
+def micro_batches(ids: torch.Tensor, micro: int) -> list[dict]:
+    """One optimizer step's rows (on the CPU) cut into micro-batches as `batches.collate` gives them."""
+    return [{"input_ids": part, "attention_mask": torch.ones_like(part), "labels": part,
+             "trained_index": batches.trained_index(part)} for part in ids.split(micro)]
+
+
 def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict:
+    """The training loop's own step (train.loop: `_accumulate`, `adamw`, clipping, one wait for the GPU
+    per step). `-s2` arms redo session 2's step instead: the host waited for the GPU at each
+    micro-batch (its loss, the positions to train) and AdamW was not fused."""
     arch, method, micro, ckpt, path = ARMS[name]
+    legacy = name.endswith("-s2")
     setup.prepare(ckpt, path)
     model = setup.model
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    opt = loop.adamw(trainable, 1e-4, 0.0, fused=not legacy)
     rows = TOKENS_PER_STEP // SEQ
     accum = rows // micro
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     loss_fn, context = step_loss_fn(path)
+    wrapped = loss.TokenLoss(model, loss_fn)
+    accelerator = Accelerator(mixed_precision="bf16")
+    n_trained = rows * (SEQ - 1)
     times, losses, norms = [], [], []
     with context:
-        for _ in range(steps):
-            ids_step = torch.randint(0, setup.vocab, (rows, SEQ), device="cuda", generator=g)
+        for step in range(steps):
+            micros = micro_batches(torch.randint(0, setup.vocab, (rows, SEQ), generator=g), micro)
+            if legacy:
+                for b in micros:
+                    del b["trained_index"]  # loss_sum then finds the positions on the GPU, and waits
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            total = 0.0
-            for ids in ids_step.split(micro):
-                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    value = loss_fn(model, batch) / (rows * (SEQ - 1))
-                value.backward()
-                total += value.item()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, 1.0)))
+            if path == "cudagraphs":  # a new step: outputs of the previous step's graph replays may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+            if legacy:
+                total = sum(loop._accumulate(accelerator, wrapped, [b], n_trained, step + 1).item() for b in micros)
+            else:
+                total = loop._accumulate(accelerator, wrapped, micros, n_trained, step + 1)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            total, norm = float(total), float(norm)  # the loop's one wait per step
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             losses.append(total)
+            norms.append(norm)
         if profile_to:
             try:
                 _profile(model, loss_fn, setup.vocab, micro, profile_to)
@@ -259,6 +305,24 @@ def check_losses(results: list[dict]) -> None:
             r["loss_reference_arm"] = refs[key]["arm"]
 
 
+def run_trl_arm(name: str, steps: int, tokenizer: str) -> dict:
+    arch, variant = TRL_ARMS[name]
+    random_model_dir(arch)
+    torch.cuda.empty_cache()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_baseline.py")
+    try:
+        done = subprocess.run([sys.executable, script, arch, variant, str(steps), tokenizer], capture_output=True,
+                              text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return dict(arm=name, error="timed out after 900 s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return dict(arm=name, error=f"exit {done.returncode}: {done.stderr[-400:]}")
+    out = json.loads(lines[-1])
+    return dict(arm=name, path="trl-" + variant, method="lora" if variant.startswith("lora") else "qlora",
+                mfu_4n=None, **out)
+
+
 def table(results: list[dict]) -> str:
     lines = [f"{'arm':28} {'tok/s':>8} {'peak GiB':>9} {'MFU 4N':>7}  loss vs reference"]
     for r in results:
@@ -268,18 +332,22 @@ def table(results: list[dict]) -> str:
         check = (f"within 1% over {r['steps']} steps: {r['loss_within_1pct']} (max rel diff "
                  f"{r['loss_max_rel_diff']:.1e}; grad norm {r['grad_norm_max_rel_diff']:.1e})"
                  if "loss_within_1pct" in r else "")
-        lines.append(f"{r['arm']:28} {r['tokens_per_s']:>8,} {r['peak_gib']:>9.2f} {r['mfu_4n']:>7.3f}  {check}")
+        mfu = f"{r['mfu_4n']:>7.3f}" if r.get("mfu_4n") is not None else f"{'':>7}"
+        lines.append(f"{r['arm']:28} {r['tokens_per_s']:>8,} {r['peak_gib']:>9.2f} {mfu}  {check}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--only", nargs="*", default=list(ARMS))
+    parser.add_argument("--only", nargs="*", default=[*TRL_ARMS, *ARMS])
     parser.add_argument("--out", default=f"benchmarks/results/gpu_throughput_{datetime.date.today()}.json")
     parser.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to tabulate (one micro-batch)")
     parser.add_argument("--profile-dir", default="benchmarks/results")
     parser.add_argument("--budget-s", type=float, default=math.inf)
+    parser.add_argument("--trl-steps", type=int, default=6, help="optimizer steps of each TRL arm")
+    parser.add_argument("--tokenizer", default=os.environ.get("TOK", ".tok"),
+                        help="folder with tokenizer.json + tokenizer_config.json, for the TRL arms")
     args = parser.parse_args()
     import bitsandbytes
     import peft
@@ -288,12 +356,21 @@ def main() -> None:
     meta = dict(date=str(datetime.date.today()), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
                 python=platform.python_version(), seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
-                lora="r=16 alpha=32 dropout=0 all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4, clip 1.0",
-                data="random full rows, the same for every arm", timing="steps 4..N, synchronised")
+                lora="r=16 alpha=32 dropout=0 all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
+                data="random full rows, the same for every arm", timing="steps 4..N, each from a synchronised start to a synchronised end",
+                step="train.loop._accumulate + adamw + clip_grad_norm_, one host wait per step (-s2: per micro-batch)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    models_in_order = list(dict.fromkeys(ARMS[n][:2] for n in args.only))
-    order = sorted(args.only, key=lambda n: (models_in_order.index(ARMS[n][:2]), PATH_ORDER[ARMS[n][4]]))
-    results, setup, started, unloadable = [], None, time.time(), {}
+    results, started = [], time.time()
+    for name in [n for n in args.only if n in TRL_ARMS]:
+        results.append(run_trl_arm(name, args.trl_steps, args.tokenizer) if time.time() - started <= args.budget_s
+                       else dict(arm=name, error=f"skipped: --budget-s {args.budget_s:.0f} spent"))
+        print(json.dumps(results[-1]), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+    ours = [n for n in args.only if n not in TRL_ARMS]
+    models_in_order = list(dict.fromkeys(ARMS[n][:2] for n in ours))
+    order = sorted(ours, key=lambda n: (models_in_order.index(ARMS[n][:2]), PATH_ORDER[ARMS[n][4]]))
+    setup, unloadable = None, {}
     for name in order:
         arch, method = ARMS[name][:2]
         if time.time() - started > args.budget_s:

@@ -61,6 +61,12 @@ def test_collate_packed_rows():
     # b's first token is not predicted from a's last one
     assert batch["labels"][0].tolist() == [IGNORE, *a.labels[1:], IGNORE, *b.labels[1:]]
     assert trained_tokens(batch["labels"]) == 2 + 1 + 3
+    assert batch["max_seqlen"] == 4
+    # the loss's positions, worked out on the CPU: each one's next label is trained, in row order
+    labels = batch["labels"]
+    index = batch["trained_index"]
+    assert labels.flatten()[index + 1].tolist() == labels[:, 1:][labels[:, 1:] != IGNORE].tolist()
+    assert len(index) == trained_tokens(labels) and (index % labels.shape[1] < labels.shape[1] - 1).all()
     assert "position_ids" not in collate([a, b], pad_id=0)  # single examples: the plain padded batch
 
 

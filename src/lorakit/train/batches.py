@@ -52,7 +52,7 @@ class Schedule:
         return [chunk[i:i + micro][rank::self.world_size] for i in range(0, len(chunk), micro)]
 
 
-def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[str, torch.Tensor | int]:
     """Right-pad rows into input_ids / attention_mask / labels tensors.
 
     Rows that are single examples give the plain padded batch. Packed rows (sequences of examples)
@@ -62,6 +62,9 @@ def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[
     transformers builds a block-diagonal causal mask from them, so no token attends across examples.
     The first label of each packed example is ignored: it would be predicted from the example
     before it. `attention_mask` marks real tokens either way.
+
+    Values the GPU would otherwise have to report back are worked out here, on the CPU:
+    `trained_index` (see `trained_index`) and, for packed rows, `max_seqlen`, the longest segment.
     """
     packed = not all(isinstance(row, Rendered) for row in rows)
     rows = [list(row) if packed and not isinstance(row, Rendered) else [row] for row in rows]
@@ -84,18 +87,37 @@ def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[
         mask[r, :at] = 1
         positions[r, at:] = torch.arange(width - at)
         segments += [width - at] if at < width else []
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "trained_index": trained_index(labels)}
     if packed:
         cu = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        batch.update(position_ids=positions, cu_seqlens=cu)
+        batch.update(position_ids=positions, cu_seqlens=cu, max_seqlen=max(segments))
     return batch
 
 
 def padding_batch(pad_id: int) -> dict[str, torch.Tensor]:
     """One attended pad token with no trained label: the micro-batch of a process whose share is
     empty, so it still joins the collective forward and backward; it adds nothing to loss or gradient."""
+    labels = torch.full((1, 1), IGNORE, dtype=torch.long)
     return {"input_ids": torch.tensor([[pad_id]]), "attention_mask": torch.ones((1, 1), dtype=torch.long),
-            "labels": torch.full((1, 1), IGNORE, dtype=torch.long)}
+            "labels": labels, "trained_index": trained_index(labels)}
+
+
+def trained_index(labels: torch.Tensor) -> torch.Tensor:
+    """Positions in the flattened batch (row x length + column) whose next token is trained: the
+    hidden states the loss projects; position + 1 holds each one's target label. Picking them with
+    a boolean mask on the GPU would make the host wait for the GPU to count them."""
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`, other values as they are. To a GPU they go from pinned memory
+    without blocking: a copy from pageable memory first waits for the GPU to finish everything queued,
+    which would leave it idle while the host launches the next micro-batch."""
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def trained_tokens(labels: torch.Tensor) -> int:

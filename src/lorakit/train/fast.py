@@ -49,14 +49,15 @@ def checkpointing(model) -> bool:
     return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model))
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, mode: str | None = None) -> int:
     """Compile every decoder layer in place (`Module.compile`, so parameter names do not change);
     returns how many. Layers share their code, so one compiled graph serves all of them; a second
-    sequence length or batch size compiles once more, with symbolic shapes, and then serves all."""
+    sequence length or batch size compiles once more, with symbolic shapes, and then serves all.
+    `mode`: torch.compile's (benchmarks try "reduce-overhead", CUDA graphs; not a default)."""
     _allow_recompiles()
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
 
 

@@ -29,7 +29,7 @@ from lorakit import console, data, models, plan
 from lorakit.config import Config, config_to_dict, dump_config
 from lorakit.errors import LorakitError, RunFailed
 from lorakit.train import checkpoint, fast, faults
-from lorakit.train.batches import Schedule, collate, padding_batch, trained_tokens
+from lorakit.train.batches import Schedule, collate, padding_batch, to_device, trained_tokens
 from lorakit.train.loss import TokenLoss
 
 
@@ -82,8 +82,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
         model = fast.speedups(model, accelerator.device)  # CUDA only; the eager path is the reference
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay,
+                      fused=accelerator.device.type == "cuda" and cfg.train.distributed != "fsdp")
     schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed,
                         accelerator.num_processes)
     total = schedule.total_steps(cfg.train.epochs, cfg.train.max_steps)
@@ -102,16 +102,24 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     last_loss, bad_steps = math.nan, []
     with _StopFlag() as stop, open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
             console.progress(total, step, cfg.train.log_every) as bar:
-        while step < total:
-            t0 = time.time()
+        def micro_batches(step: int) -> tuple[list[dict], int, int]:
+            """This process's micro-batches of `step`, with the step's trained and real tokens on all processes."""
             shares = schedule.step_indices(step, accelerator.process_index)
             micro = [collate([train_data.rows[i] for i in idx], tokenizer.pad_token_id) if idx
                      else padding_batch(tokenizer.pad_token_id) for idx in shares]
-            n_trained, tokens = _all_processes(accelerator, sum(trained_tokens(b["labels"]) for b in micro),
-                                               sum(int(b["attention_mask"].sum()) for b, i in zip(micro, shares) if i))
+            return micro, *_all_processes(accelerator, sum(trained_tokens(b["labels"]) for b in micro),
+                                          sum(int(b["attention_mask"].sum()) for b, i in zip(micro, shares) if i))
+
+        upcoming = micro_batches(step) if step < total else None
+        while step < total:
+            t0 = time.time()
+            micro, n_trained, tokens = upcoming
             step_loss = _accumulate(accelerator, wrapped, micro, n_trained, step + 1)
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf)
+            # collate the next step while the GPU works: the line after waits for the GPU
+            upcoming = micro_batches(step + 1) if step + 1 < total else None
             step_loss, stopping = _all_processes(accelerator, step_loss, stop.requested)  # the same on every one
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
+            grad_norm = float(grad_norm)  # of the whole model already, under DDP and FSDP alike
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
@@ -168,7 +176,7 @@ def evaluate_loss(accelerator, model: TokenLoss, examples, pad_id: int, batch_si
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        batch = to_device(collate(examples[i:i + batch_size], pad_id), accelerator.device)
         with accelerator.autocast():
             total += model(batch).item()
         count += trained_tokens(batch["labels"])
@@ -274,16 +282,17 @@ def _hash_files(root: Path, names: list[str], content: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int, step: int) -> float:
+def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int, step: int) -> torch.Tensor:
     """Forward and backward this process's micro-batches of one optimizer step; returns its part of
-    the step's loss. `n_trained` counts the step's trained tokens on all processes; DDP and FSDP
-    average the gradients of the processes, so each loss is scaled by their number to make the
-    update that of the whole step. Gradients are exchanged once, after the last micro-batch."""
+    the step's loss (a tensor: reading it makes the host wait for the GPU). `n_trained` counts the
+    step's trained tokens on all processes; DDP and FSDP average the gradients of the processes, so
+    each loss is scaled by their number to make the update that of the whole step. Gradients are
+    exchanged once, after the last micro-batch."""
     world, step_loss = accelerator.num_processes, 0.0
     model.train()
     for k, batch in enumerate(micro):
         faults.at(f"step-{step}:micro-{k}")
-        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         last = k == len(micro) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
@@ -291,15 +300,24 @@ def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int
                 if faults.poisons(step):
                     loss = loss * math.nan
             accelerator.backward(loss)
-        step_loss += loss.item() / world
+        step_loss = step_loss + loss.detach() / world  # no .item(): the host runs ahead of the GPU
     return step_loss
 
 
-def _all_processes(accelerator, *values: float) -> list:
-    """Each value summed over the training processes (one all-reduce), as the type it came in."""
-    summed = accelerator.reduce(torch.tensor([float(v) for v in values], dtype=torch.float64,
-                                             device=accelerator.device), "sum").tolist()
-    return [type(v)(s) for v, s in zip(values, summed)]
+def _all_processes(accelerator, *values) -> list:
+    """Each value summed over the training processes (one all-reduce): tensors come back as floats,
+    numbers and flags as the type they came in."""
+    kinds = [float if isinstance(v, torch.Tensor) else type(v) for v in values]
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(torch.tensor([float(v) for v in values], dtype=torch.float64,
+                                                 device=accelerator.device), "sum").tolist()
+    return [kind(v) for kind, v in zip(kinds, values)]
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """The optimizer. `fused` (CUDA): one kernel updates every parameter, instead of a launch per
+    group of tensors per operation; tests/gpu compares it with the default implementation."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def _accelerator(cfg: Config, precision: models.Precision) -> Accelerator:

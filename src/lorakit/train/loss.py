@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.train import fast
-from lorakit.train.batches import IGNORE
+from lorakit.train.batches import IGNORE, trained_index
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -20,7 +20,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     cu = batch["cu_seqlens"]
-    longest = int((cu[1:] - cu[:-1]).max())
+    longest = batch["max_seqlen"] if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
@@ -31,11 +31,13 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "final_logit_softcapping", None):
         return reference_loss_sum(model, batch)
-    target = batch["labels"][:, 1:]
-    keep = target != IGNORE
-    hidden = base.get_decoder()(**model_inputs(batch))
-    hidden = hidden.last_hidden_state[:, :-1][keep]
-    return chunked_cross_entropy_sum(base.get_output_embeddings(), hidden, target[keep])
+    index = batch.get("trained_index")
+    if index is None:  # collate's batches bring it from the CPU; found here, a GPU makes the host wait
+        index = trained_index(batch["labels"])
+    hidden = base.get_decoder()(**model_inputs(batch)).last_hidden_state
+    hidden = hidden.flatten(0, 1).index_select(0, index)
+    target = batch["labels"].flatten().index_select(0, index + 1)
+    return chunked_cross_entropy_sum(base.get_output_embeddings(), hidden, target)
 
 
 def chunked_cross_entropy_sum(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -109,10 +111,10 @@ class TokenLoss(torch.nn.Module):
     the model's own forward, so wrapping the model itself would hide that forward from DDP (which
     then never synchronises gradients) and from FSDP (which then never gathers the weights)."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss=loss_sum):
         super().__init__()
-        self.model = model
+        self.model, self.loss = model, loss  # `loss`: reference_loss_sum for the plain path
         self._no_split_modules = model._no_split_modules  # FSDP shards each transformer block as a unit
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_sum(self.model, batch)
+        return self.loss(self.model, batch)
