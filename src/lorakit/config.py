@@ -63,7 +63,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # gradient clipping norm; null disables clipping
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto = bf16 where supported
     gradient_checkpointing: bool | Literal["auto"] = "auto"  # trade compute for memory
-    compile: bool = True  # CUDA only: torch.compile each decoder layer (train/fast.py); off = eager
+    # CUDA only: torch.compile each decoder layer (train/fast.py); false = eager; cudagraphs = also
+    # replay them as CUDA graphs (small models: less launch overhead; needs grad_accum 1)
+    compile: bool | Literal["cudagraphs"] = True
     save_every: int = 200  # steps between checkpoints; the final adapter is always saved
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     eval_every: int = 200  # steps between eval-loss measurements

@@ -53,7 +53,8 @@ def _loss_and_grads(model, loss_fn, batch):
     ("llama", "qlora", False, "speedups"),  # whole layers compiled
     ("llama", "qlora", True, "speedups"),  # layer children compiled, eager checkpointing around them
     ("llama", "qlora", True, "compile_layers"),  # checkpointing traced into the compiled layer
-    ("qwen3", "qlora", False, "speedups"), ("llama", "lora", False, "speedups")])
+    ("qwen3", "qlora", False, "speedups"), ("llama", "lora", False, "speedups"),
+    ("qwen3", "qlora", False, "cudagraphs"), ("llama", "lora", False, "cudagraphs")])  # train.compile: cudagraphs
 def test_fast_path_matches_plain_reference(tmp_path, arch, method, checkpointing, compile_fn):
     model = _lora_model(tmp_path, arch, method, checkpointing)
     ids = torch.randint(0, TINY[arch]["vocab_size"], (2, 300), device="cuda")
@@ -63,15 +64,16 @@ def test_fast_path_matches_plain_reference(tmp_path, arch, method, checkpointing
     ref_loss, ref_grads = _loss_and_grads(model, reference_loss_sum, batch)
     names = list(model.state_dict())
 
-    if compile_fn == "speedups":
-        assert fast.speedups(model, torch.device("cuda")) is model
+    if compile_fn in ("speedups", "cudagraphs"):
+        assert fast.speedups(model, torch.device("cuda"), cudagraphs=compile_fn == "cudagraphs") is model
     else:
         fast.compile_layers(model)
     whole = compile_fn == "compile_layers" or not checkpointing
     for layer in fast.decoder_layers(model):
         assert (layer._compiled_call_impl is not None) == whole
         assert all(child._compiled_call_impl is not None for child in layer.children()) != whole
-    for _ in range(2):  # the second call runs the cached compiled code
+    for _ in range(3):  # later calls run the cached compiled code (CUDA graphs: recorded, then replayed)
+        fast.new_graph_step()
         fast_loss, fast_grads = _loss_and_grads(model, loss_sum, batch)
         torch.testing.assert_close(fast_loss, ref_loss, rtol=2e-3, atol=0)
         for got, want in zip(fast_grads, ref_grads):  # bf16 autocast: rounding differs between fused kernels
@@ -134,3 +136,44 @@ def test_batches_reach_the_gpu_unchanged_without_blocking():
     assert moved["max_seqlen"] == 7 and moved["input_ids"].is_cuda
     assert torch.equal(moved["input_ids"].cpu(), batch["input_ids"])
 
+
+
+@pytest.fixture(scope="module")
+def gpu_tiny_dir(tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's tokenizer from LORAKIT_TEST_TOKENIZER (the GPU machine
+    has no embedded model: carry tokenizer.json, tokenizer_config.json and chat_template.jinja)."""
+    import os
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    source = os.environ.get("LORAKIT_TEST_TOKENIZER")
+    if not source:
+        pytest.skip("set LORAKIT_TEST_TOKENIZER to a folder with SmolLM2's tokenizer files")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("gpu-tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_training_with_cuda_graphs_follows_the_eager_run(gpu_tiny_dir, overfit_config, tmp_path):
+    """lorakit.train with train.compile false / true / cudagraphs on the same data and seed: the same
+    loss per step (bf16 rounding apart), going down; CUDA graphs pad every batch to data.max_length."""
+    import json
+
+    from lorakit.api import train
+
+    losses = {}
+    for mode in ("false", "true", "cudagraphs"):
+        cfg = load_config(overfit_config, overrides=[f"model={gpu_tiny_dir}", f"train.compile={mode}",
+                                                     "train.precision=bf16", "train.batch_size=4",
+                                                     f"output_dir={tmp_path / mode}"])
+        train(cfg)
+        losses[mode] = [json.loads(line)["loss"] for line in open(tmp_path / mode / "metrics.jsonl")]
+    assert losses["false"][-1] < losses["false"][0] * 0.8
+    for mode in ("true", "cudagraphs"):
+        torch.testing.assert_close(torch.tensor(losses[mode]), torch.tensor(losses["false"]), rtol=2e-2, atol=0)

@@ -113,3 +113,23 @@ def test_chunked_cross_entropy_matches_plain_value_and_gradient():
     (2.5 * chunked).backward()  # the upstream gradient is applied in backward
     assert torch.allclose(plain, chunked, rtol=1e-6)
     assert torch.allclose(expected, hidden.grad, atol=1e-6)
+
+
+def test_cudagraphs_needs_one_micro_batch_per_step(overfit_config, tiny_model_dir, tmp_path):
+    """train.compile: cudagraphs with accumulation is refused on every device, before anything loads."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.loop import train
+
+    cfg = load_config(overfit_config, overrides=[f"model={tiny_model_dir}", "train.compile=cudagraphs",
+                                                 "train.grad_accum=2", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(LorakitError, match=r"needs train.grad_accum: 1 \(it is 2\)"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_collate_pads_to_a_fixed_width():
+    rows = [Rendered([1, 2, 3], [IGNORE, 2, 3]), Rendered([4, 5], [IGNORE, 5])]
+    batch = collate(rows, pad_id=0, width=6)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0]]
+    assert batch["attention_mask"].sum().item() == 5 and trained_tokens(batch["labels"]) == 3
+    assert collate(rows, pad_id=0, width=2)["input_ids"].shape == (2, 3)  # never cuts a row

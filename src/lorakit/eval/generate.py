@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
 
 
 @dataclass
@@ -62,7 +64,7 @@ def generate(model, tokenizer, prompts: list[Prompt], *, stop_ids: list[int], ma
     with model.disable_adapter() if not adapter else contextlib.nullcontext():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = _Batch(model.get_base_model(), [prompts[i] for i in idx], tokenizer.pad_token_id)
+            batch = _Batch(model.get_base_model(), [prompts[i] for i in idx], tokenizer.pad_token_id, max_new_tokens)
             for i, (ids, stopped, loss, n) in zip(idx, batch.run(stop_ids, max_new_tokens, pick)):
                 results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), stopped, loss, n)
     return results
@@ -71,17 +73,19 @@ def generate(model, tokenizer, prompts: list[Prompt], *, stop_ids: list[int], ma
 class _Batch:
     """One left-padded batch: prefill, the reference loss, then decoding until every row has stopped."""
 
-    def __init__(self, model, prompts: list[Prompt], pad_id: int):
-        from transformers import DynamicCache
-
+    def __init__(self, model, prompts: list[Prompt], pad_id: int, max_new_tokens: int):
         self.model, self.prompts, self.pad_id = model, prompts, pad_id
         self.device = next(model.parameters()).device
-        self.cache = DynamicCache(config=model.config)
+        longest = max(len(p.ids) + max(len(p.reference) - 1, max_new_tokens) for p in prompts)
+        self.cache = _Cache(model.config.num_hidden_layers, len(prompts), longest)
 
     def _tensor(self, rows) -> torch.Tensor:
         return torch.tensor(rows, device=self.device)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int = 1):
+        """Run `ids` after the cache's first mask.shape[1] - ids.shape[1] columns, writing their keys and
+        values there; `mask` marks which columns each row attends to."""
+        self.cache.window(len(ids), mask.shape[1] - ids.shape[1])
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                           use_cache=True, logits_to_keep=keep).logits
 
@@ -105,7 +109,7 @@ class _Batch:
         if shared:
             head = self._tensor([prompts[0][:shared]])
             self._forward(head, torch.ones_like(head), torch.arange(shared, device=self.device)[None])
-            self.cache.batch_repeat_interleave(len(prompts))
+            self.cache.spread(shared)
         rest = [ids[shared:] for ids in prompts]
         width = max(map(len, rest))
         ids = self._tensor([[self.pad_id] * (width - len(r)) + r for r in rest])
@@ -127,7 +131,6 @@ class _Batch:
             steps = torch.arange(1, length, device=self.device)
             rest = self._forward(ids[:, :-1], torch.cat([self.mask, real[:, :-1]], dim=1),
                                  self.positions[:, -1:] + steps, keep=0)
-            self.cache.crop(-(length - 1))
             logits = torch.cat([logits, rest], dim=1)
         out = []
         for row in range(len(refs)):  # row by row: one row's fp32 logits at a time
@@ -139,25 +142,88 @@ class _Batch:
         n = len(self.prompts)
         stop = self._tensor(stop_ids)
         mask, positions = self.mask, self.positions[:, -1:]
-        live = list(range(n))  # the batch row each cache row belongs to
+        live: list[int | None] = list(range(n))  # the batch row each cache row decodes; None once it stopped
         tokens, stopped = [[] for _ in range(n)], [False] * n
         for step in range(max_new_tokens):
             chosen = pick(logits)
-            done = torch.isin(chosen, stop)
-            for row, token, ended in zip(live, chosen.tolist(), done.tolist()):
-                stopped[row] |= ended
-                tokens[row] += [] if ended else [token]
-            keep = (~done).nonzero().squeeze(1)
-            if len(keep) == 0 or step == max_new_tokens - 1:
+            for i, (token, ended) in enumerate(zip(chosen.tolist(), torch.isin(chosen, stop).tolist())):
+                row = live[i]
+                if row is not None and ended:
+                    stopped[row], live[i] = True, None
+                elif row is not None:
+                    tokens[row].append(token)
+            finished = live.count(None)
+            if finished == len(live) or step == max_new_tokens - 1:
                 break
-            if len(keep) < len(live):
-                self.cache.batch_select_indices(keep)
-                live = [live[k] for k in keep.tolist()]
+            if finished * _COMPACT >= len(live):  # compacting copies the cache: not at every row that stops
+                keep = self._tensor([i for i, row in enumerate(live) if row is not None])
+                self.cache.keep(keep, mask.shape[1])
+                live = [live[i] for i in keep.tolist()]
                 chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             positions = positions + 1
             logits = self._forward(chosen[:, None], mask, positions)[:, -1]
         return tokens, stopped
+
+
+# Stopped rows leave the decoding batch once they are at least 1/_COMPACT of it.
+_COMPACT = 4
+
+
+class _Cache(Cache):
+    """Keys and values in buffers allocated once (rows × heads × columns × head dim per layer) and written
+    in place: the next forward's tokens go to rows [0, rows) from column `start` (`window`), and attend to
+    the columns before them, masked by the 2D attention mask the forward gets. Instead of DynamicCache's
+    concatenation at every step and row selection at every stopped row."""
+
+    def __init__(self, layers: int, rows: int, columns: int):
+        super().__init__(layers=[_Layer(self) for _ in range(layers)])
+        self.size, self.rows, self.start = (rows, columns), rows, 0
+
+    def window(self, rows: int, start: int) -> None:
+        self.rows, self.start = rows, start
+
+    def spread(self, width: int) -> None:
+        """Copy row 0's first `width` columns to every row."""
+        for layer in self.layers:
+            for buffer in (layer.keys, layer.values):
+                buffer[1:, :, :width] = buffer[:1, :, :width]
+
+    def keep(self, rows: torch.Tensor, width: int) -> None:
+        """Move `rows` (ascending) to the front; only the first `width` columns hold anything."""
+        for layer in self.layers:
+            for buffer in (layer.keys, layer.values):
+                buffer[:len(rows), :, :width] = buffer[rows, :, :width]
+
+
+class _Layer(CacheLayerMixin):
+    def __init__(self, cache: _Cache):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # zeros, not empty: masked columns still meet the values (0 × NaN would be NaN)
+        rows, columns = self.cache.size
+        self.keys = key_states.new_zeros(rows, key_states.shape[1], columns, key_states.shape[3])
+        self.values = value_states.new_zeros(rows, value_states.shape[1], columns, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, start, end = self.cache.rows, self.cache.start, self.cache.start + key_states.shape[2]
+        self.keys[:rows, :, start:end] = key_states
+        self.values[:rows, :, start:end] = value_states
+        return self.keys[:rows, :, :end], self.values[:rows, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.start + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.start
+
+    def get_max_length(self) -> int:
+        return self.cache.size[1]
 
 
 def _shared_prefix(rows: list[list[int]], limit: int) -> int:

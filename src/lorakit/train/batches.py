@@ -52,7 +52,8 @@ class Schedule:
         return [chunk[i:i + micro][rank::self.world_size] for i in range(0, len(chunk), micro)]
 
 
-def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[str, torch.Tensor | int]:
+def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int,
+            width: int | None = None) -> dict[str, torch.Tensor | int]:
     """Right-pad rows into input_ids / attention_mask / labels tensors.
 
     Rows that are single examples give the plain padded batch. Packed rows (sequences of examples)
@@ -68,7 +69,7 @@ def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int) -> dict[
     """
     packed = not all(isinstance(row, Rendered) for row in rows)
     rows = [list(row) if packed and not isinstance(row, Rendered) else [row] for row in rows]
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = max(width or 0, max(sum(len(e.input_ids) for e in row) for row in rows))  # `width`: pad to at least
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

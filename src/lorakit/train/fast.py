@@ -26,17 +26,26 @@ import functools
 import torch
 
 
-def speedups(model, device: torch.device):
+def speedups(model, device: torch.device, cudagraphs: bool = False):
     """Apply the fast path to a model with LoRA attached (call it after checkpointing is set up);
     on any device but CUDA it does nothing, so CPU training computes exactly what it did. Returns the
-    model (the same object)."""
+    model (the same object). `cudagraphs` (train.compile: cudagraphs): the compiled code also runs as
+    recorded CUDA graphs, one launch per layer instead of one per kernel; each recorded graph reuses
+    its output memory, so the caller marks every micro-batch with `new_graph_step`, needs one
+    micro-batch per optimizer step, and keeps batch shapes fixed (each new shape records again)."""
     if device.type != "cuda":
         return model
+    mode = "reduce-overhead" if cudagraphs else None
     if checkpointing(model):
-        compile_blocks(model)
+        compile_blocks(model, mode)
     else:
-        compile_layers(model)
+        compile_layers(model, mode)
     return model
+
+
+def new_graph_step() -> None:
+    """Tell CUDA-graph replay that a new forward and backward begins (the last one's outputs are done with)."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -53,7 +62,7 @@ def compile_layers(model, mode: str | None = None) -> int:
     """Compile every decoder layer in place (`Module.compile`, so parameter names do not change);
     returns how many. Layers share their code, so one compiled graph serves all of them; a second
     sequence length or batch size compiles once more, with symbolic shapes, and then serves all.
-    `mode`: torch.compile's (benchmarks try "reduce-overhead", CUDA graphs; not a default)."""
+    `mode`: torch.compile's ("reduce-overhead": CUDA graphs, see `speedups`)."""
     _allow_recompiles()
     layers = decoder_layers(model)
     for layer in layers:
@@ -61,12 +70,12 @@ def compile_layers(model, mode: str | None = None) -> int:
     return len(layers)
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, mode: str | None = None) -> int:
     """Compile each decoder layer's children (attention, MLP, norms) in place; returns how many."""
     _allow_recompiles()
     blocks = [child for layer in decoder_layers(model) for child in layer.children()]
     for block in blocks:
-        block.compile()
+        block.compile(mode=mode)
     return len(blocks)
 
 

@@ -62,6 +62,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     set_seed(cfg.seed)
 
     precision = models.resolve_precision(cfg.train.precision, PartialState().device)
+    if cfg.train.compile == "cudagraphs" and cfg.train.grad_accum > 1:  # on every device: configs travel
+        raise LorakitError(f"train.compile: cudagraphs replays recorded CUDA graphs, which reuse their memory at "
+                           f"every micro-batch, so it needs train.grad_accum: 1 (it is {cfg.train.grad_accum}). "
+                           f"Raise train.batch_size instead, or set train.compile: true.")
+    cudagraphs = cfg.train.compile == "cudagraphs" and PartialState().device.type == "cuda"
     accelerator = _accelerator(cfg, precision)
     model_path = models.resolve_model(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.trust_remote_code)
@@ -81,7 +86,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     checkpointing = _gradient_checkpointing(cfg, base)
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
-        model = fast.speedups(model, accelerator.device)  # CUDA only; the eager path is the reference
+        model = fast.speedups(model, accelerator.device, cudagraphs)  # CUDA only; eager is the reference
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay,
                       fused=accelerator.device.type == "cuda" and cfg.train.distributed != "fsdp")
     schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed,
@@ -105,15 +110,18 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
         def micro_batches(step: int) -> tuple[list[dict], int, int]:
             """This process's micro-batches of `step`, with the step's trained and real tokens on all processes."""
             shares = schedule.step_indices(step, accelerator.process_index)
-            micro = [collate([train_data.rows[i] for i in idx], tokenizer.pad_token_id) if idx
+            micro = [collate([train_data.rows[i] for i in idx], tokenizer.pad_token_id, width) if idx
                      else padding_batch(tokenizer.pad_token_id) for idx in shares]
             return micro, *_all_processes(accelerator, sum(trained_tokens(b["labels"]) for b in micro),
                                           sum(int(b["attention_mask"].sum()) for b, i in zip(micro, shares) if i))
 
+        width = cfg.data.max_length if cudagraphs else None  # CUDA graphs: one shape, one recording
         upcoming = micro_batches(step) if step < total else None
         while step < total:
             t0 = time.time()
             micro, n_trained, tokens = upcoming
+            if cudagraphs:
+                fast.new_graph_step()
             step_loss = _accumulate(accelerator, wrapped, micro, n_trained, step + 1)
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf)
             # collate the next step while the GPU works: the line after waits for the GPU
@@ -139,7 +147,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
             if step % cfg.train.eval_every == 0 or (step == total and eval_data is not None):
                 if eval_data is not None:
                     record["eval_loss"] = evaluate_loss(accelerator, wrapped, eval_data.examples,
-                                                        tokenizer.pad_token_id, cfg.train.batch_size)
+                                                        tokenizer.pad_token_id, cfg.train.batch_size, width)
             if step % cfg.train.log_every == 0 or step == total or "eval_loss" in record or not finite:
                 metrics.write(json.dumps(record) + "\n")  # non-finite values are logged, never filtered
                 metrics.flush()
@@ -170,13 +178,17 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model: TokenLoss, examples, pad_id: int, batch_size: int) -> float:
+def evaluate_loss(accelerator, model: TokenLoss, examples, pad_id: int, batch_size: int,
+                  width: int | None = None) -> float:
     """Mean loss per trained token over `examples`. Every process computes it over all of them: each
-    forward is a collective under FSDP, so the processes must run the same ones."""
+    forward is a collective under FSDP, so the processes must run the same ones. `width`: pad every
+    batch to it (CUDA graphs: one shape)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[i:i + batch_size], pad_id), accelerator.device)
+        if width is not None:
+            fast.new_graph_step()
+        batch = to_device(collate(examples[i:i + batch_size], pad_id, width), accelerator.device)
         with accelerator.autocast():
             total += model(batch).item()
         count += trained_tokens(batch["labels"])
