@@ -295,7 +295,8 @@ def _layer_backward(arch: Arch, step: Step) -> float:
     return max(2 * i + 10 * d, 20 * d) if drop else max(4 * i, 20 * d)
 
 
-LOSS_CHUNK = 4096  # tokens per chunk of lorakit.train.loss.chunked_cross_entropy_sum
+LOSS_CHUNK = 4096  # tokens per chunk of lorakit.train.loss.chunked_cross_entropy_sum (CUDA)
+CPU_CHUNK_BYTES = 24 << 20  # fp32 logits per chunk on CPU: lorakit.train.loss.CPU_CHUNK_BYTES
 
 
 def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
@@ -306,14 +307,19 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
     tokens, in units of vocab x c: the 16-bit logits (2) and their fp32 copy (4), then logsumexp's
     temporary (4) or the softmax gradient (4), then its 16-bit copy (2); from the second chunk on the
     previous chunk's fp32 logits and gradient (4 + 4) are still bound while the next is computed.
+    On CPU chunks hold CPU_CHUNK_BYTES of fp32 logits, and the gradient overwrites them: the logits
+    (4) and logsumexp's temporary (4), plus the previous chunk's gradient (4) from the second on.
     Plus the gathered hidden states and their gradient (2 x bytes x hidden per trained token)."""
     a = _bytes(step.precision)
     V = arch.vocab
     if arch.full_logits:  # softcapping: full logits of every position, plain cross-entropy
         return V * step.tokens * (a + 12)
-    first = min(LOSS_CHUNK, trained)
-    later = min(LOSS_CHUNK, trained - first)
-    if a == 2:
+    chunk = LOSS_CHUNK if step.device == "cuda" else min(LOSS_CHUNK, max(16, CPU_CHUNK_BYTES // (4 * V)))
+    first = min(chunk, trained)
+    later = min(chunk, trained - first)
+    if step.device == "cpu":  # the gradient is written over the fp32 logits (inplace_chunk_loss_and_grad)
+        units = max(10 * first, 4 * first + 10 * later) if a == 2 else max(8 * first, 4 * first + 8 * later)
+    elif a == 2:
         units = max(10 * first, 8 * first + 6 * later if later else 0, 4 * first + 8 * later)
     else:
         units = max(8 * first, 8 * first + 4 * later if later else 0, 4 * first + 8 * later)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from lorakit import models
 from lorakit.train import fast
-from lorakit.train.loss import chunk_loss_and_grad, chunked_cross_entropy_sum, fused_chunk_loss_and_grad
+from lorakit.train.loss import (chunk_loss_and_grad, chunked_cross_entropy_sum, fused_chunk_loss_and_grad,
+                                inplace_chunk_loss_and_grad)
 
 
 def _tiny_lora():
@@ -31,14 +32,15 @@ def test_speedups_leave_a_cpu_model_untouched():
 def test_speedups_compile_blocks_when_checkpointing(monkeypatch, checkpointing, form):
     """Checkpointing asks for memory: the layer stays eager so its checkpoint keeps only its input."""
     chosen = []
-    monkeypatch.setattr(fast, "compile_layers", lambda model: chosen.append("layers"))
-    monkeypatch.setattr(fast, "compile_blocks", lambda model: chosen.append("blocks"))
+    monkeypatch.setattr(fast, "compile_layers", lambda model, mode: chosen.append(("layers", mode)))
+    monkeypatch.setattr(fast, "compile_blocks", lambda model, mode: chosen.append(("blocks", mode)))
     model = _tiny_lora()
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert fast.checkpointing(model) == checkpointing
     fast.speedups(model, torch.device("cuda"))  # the choice only; compiling itself is tested in tests/gpu
-    assert chosen == [form]
+    fast.speedups(model, torch.device("cuda"), cudagraphs=True)
+    assert chosen == [(form, None), (form, "reduce-overhead")]
 
 
 def test_cpu_cross_entropy_never_compiles(monkeypatch):
@@ -51,6 +53,30 @@ def test_cpu_cross_entropy_never_compiles(monkeypatch):
     target = torch.randint(0, 30, (10,))
     got = chunked_cross_entropy_sum(head, hidden, target, chunk=4)
     torch.testing.assert_close(got, F.cross_entropy(head(hidden), target, reduction="sum"))
+
+
+def test_cpu_chunk_step_writes_the_reference_gradient_over_the_logits():
+    logits = torch.randn(37, 301) * 3
+    target = torch.randint(0, 301, (37,))
+    want_loss, want_grad = chunk_loss_and_grad(logits.clone(), target)
+    got_loss, got_grad = inplace_chunk_loss_and_grad(logits, target)
+    assert got_grad.data_ptr() == logits.data_ptr()  # no second buffer
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_cross_entropy_over_a_real_vocabulary_in_small_chunks():
+    """49,152 entries (SmolLM2): chunks of 128 tokens; loss and gradient as the full computation."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 49152, bias=False).requires_grad_(False)
+    target = torch.randint(0, 49152, (300,))
+    got = chunked_cross_entropy_sum(head, hidden, target)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    want = F.cross_entropy(head(hidden), target, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
