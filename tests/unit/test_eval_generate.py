@@ -1,6 +1,9 @@
 """The eval decode loop on a tiny random model: greedy equals transformers' generate, rows that stop
 leave the batch without changing the others, the reference loss is the training loss, sampling is
-seeded, the adapter switch works."""
+seeded, the adapter switch works, the folded adapter gives PEFT's logits and leaves the base weights
+as they were."""
+
+import importlib
 
 import pytest
 import torch
@@ -48,6 +51,9 @@ def _reference(model, tokenizer, stop_ids, max_new_tokens):
 
 def _ids(tokenizer, gens):
     return [tokenizer(g.text, add_special_tokens=False)["input_ids"] for g in gens]
+
+
+generate_module = importlib.import_module("lorakit.eval.generate")
 
 
 def test_greedy_matches_transformers_generate_also_when_rows_stop(peft_model, smol_tokenizer):
@@ -101,3 +107,30 @@ def test_reference_loss_is_the_training_loss_and_leaves_generation_unchanged(pef
     assert [g.loss for g in gens] == pytest.approx([loss for loss, _ in expected], rel=1e-4)
     plain = generate(peft_model, smol_tokenizer, [Prompt(p.ids) for p in prompts], **kwargs)
     assert [g.text for g in gens] == [g.text for g in plain] and all(g.loss_tokens == 0 for g in plain)
+
+
+def test_folded_adapter_gives_peft_logits_and_leaves_the_base_weights(smol_dir, smol_tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    for name, param in model.named_parameters():  # a trained adapter's scale, not init_lora_weights=False's
+        if "lora_B" in name:
+            param.data.mul_(0.01)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    ids = torch.tensor([p.ids for p in _prompts(smol_tokenizer)[:1]])
+    with torch.inference_mode():
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        peft = model(input_ids=ids).logits
+        assert generate_module._foldable(model)
+        with generate_module._folded(model):
+            folded = model(input_ids=ids).logits
+    assert (peft - off).abs().max() > 0.1  # the adapter changes the logits...
+    assert torch.allclose(folded, peft, rtol=1e-5, atol=1e-4)  # ...and folded, only by rounding
+    generate(model, smol_tokenizer, _prompts(smol_tokenizer), stop_ids=[smol_tokenizer.eos_token_id],
+             max_new_tokens=4, batch_size=4)
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    assert not generate_module._foldable(model.to(torch.bfloat16))  # 16-bit weights keep PEFT's path

@@ -1,12 +1,13 @@
 """Batched generation from token prompts, with the adapter on or off in the same model, and the
 teacher-forced loss of each prompt's reference answer from the same prompt pass.
 
-A small decode loop instead of `model.generate`, for two savings that keep greedy results the same:
+A small decode loop instead of `model.generate`, for savings that keep greedy results the same:
 - the prompt is run once for both the loss and the generation: after the prefill, the reference
   tokens are fed after the prompt (their logits give the loss), then cut from the KV cache again
   before decoding starts, so decoding sees exactly the prompt's cache;
 - a row that emits an end-of-turn token leaves the batch at once (its KV-cache row is dropped),
-  so finished answers cost nothing while the rest of the batch keeps generating.
+  so finished answers cost nothing while the rest of the batch keeps generating;
+- with the adapter on, plain LoRA on fp32 weights is folded into them for the call (`_folded`).
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def generate(model, tokenizer, prompts: list[Prompt], *, stop_ids: list[int], ma
     """One Generation per prompt, in input order.
 
     `model` is a PeftModel; `adapter=False` disables its adapter, so base and tuned share one copy of
-    the weights. Prompts are sorted by length and left-padded so each batch wastes little.
+    the weights (`_adapter`). Prompts are sorted by length and left-padded so each batch wastes little.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     results: list[Generation | None] = [None] * len(prompts)
     pick = _picker(sampling, next(model.parameters()).device)
     model.eval()
-    with model.disable_adapter() if not adapter else contextlib.nullcontext():
+    with _adapter(model, adapter):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = _Batch(model.get_base_model(), [prompts[i] for i in idx], tokenizer.pad_token_id, max_new_tokens)
@@ -224,6 +225,48 @@ class _Layer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.cache.size[1]
+
+
+def _adapter(model, on: bool):
+    """The context generate runs in: adapter off; on, folded into the weights where that only changes
+    rounding; else on through PEFT."""
+    if not on:
+        return model.disable_adapter()
+    return _folded(model) if _foldable(model) else contextlib.nullcontext()
+
+
+def _foldable(model) -> bool:
+    """Whether the adapter can be added into the base weights with rounding the only change: plain LoRA
+    on fp32 nn.Linear layers (not 4-bit ones: QLoRA keeps PEFT's path; nor 16-bit, where the sum would
+    round the adapter's small update away)."""
+    from peft.tuners.lora import LoraLayer
+
+    name = model.active_adapter
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(
+        type(m.get_base_layer()) is torch.nn.Linear and m.get_base_layer().weight.dtype == torch.float32
+        and name not in m.lora_variant and not m.lora_bias[name] and not m.merged for m in layers)
+
+
+@contextlib.contextmanager
+def _folded(model):
+    """The adapter added into the base weights while the body runs, with PEFT's adapter path off: its
+    unmerged layers cost extra ops at every linear layer of every step. The sums are new tensors; the
+    base's own are never written, and are put back after."""
+    from peft.tuners.lora import LoraLayer
+
+    name = model.active_adapter
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    bases = [m.get_base_layer() for m in layers]
+    weights = [base.weight.data for base in bases]
+    try:
+        for layer, base, weight in zip(layers, bases, weights):
+            base.weight.data = weight + layer.get_delta_weight(name)
+        with model.disable_adapter():
+            yield
+    finally:
+        for base, weight in zip(bases, weights):
+            base.weight.data = weight
 
 
 def _shared_prefix(rows: list[list[int]], limit: int) -> int:
