@@ -1,7 +1,8 @@
 """The eval decode loop on a tiny random model: greedy equals transformers' generate, rows that stop
-leave the batch without changing the others, the reference loss is the training loss, sampling is
-seeded, the adapter switch works, the folded adapter gives PEFT's logits and leaves the base weights
-as they were."""
+leave the batch without changing the others (however the prefill is grouped and the batch compacted),
+the reference loss is the training loss, reference tokens taken as a draft give the same answers in
+fewer decoding steps, the folded adapter gives PEFT's logits and leaves the base weights as they were,
+sampling is seeded, the adapter switch works."""
 
 import importlib
 
@@ -56,7 +57,13 @@ def _ids(tokenizer, gens):
 generate_module = importlib.import_module("lorakit.eval.generate")
 
 
-def test_greedy_matches_transformers_generate_also_when_rows_stop(peft_model, smol_tokenizer):
+# prefill: one forward for all rows, or one per row; compaction: never (stopped rows ride along to the
+# end), or at the first row that stops
+@pytest.mark.parametrize("prefill_tokens,compact", [(1024, 8), (16, 1)])
+def test_greedy_matches_transformers_generate_also_when_rows_stop(peft_model, smol_tokenizer, monkeypatch,
+                                                                  prefill_tokens, compact):
+    monkeypatch.setattr(generate_module, "_PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr(generate_module, "_COMPACT", compact)
     never = [len(smol_tokenizer) - 1]
     ref = _reference(peft_model, smol_tokenizer, never, 12)
     gens = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), stop_ids=never, max_new_tokens=12, batch_size=4)
@@ -107,6 +114,53 @@ def test_reference_loss_is_the_training_loss_and_leaves_generation_unchanged(pef
     assert [g.loss for g in gens] == pytest.approx([loss for loss, _ in expected], rel=1e-4)
     plain = generate(peft_model, smol_tokenizer, [Prompt(p.ids) for p in prompts], **kwargs)
     assert [g.text for g in gens] == [g.text for g in plain] and all(g.loss_tokens == 0 for g in plain)
+
+
+def _decoded_rows(model) -> list[int]:
+    """Counts the rows of every one-token forward of `model` (a decoding step) into the returned list."""
+    rows = []
+    model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])) if kwargs["input_ids"].shape[1] == 1
+        else None, with_kwargs=True)
+    return rows
+
+
+def test_reference_as_draft_gives_the_same_answers_in_fewer_steps(tiny_model_dir, smol_tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    rows = _decoded_rows(model)
+    never = [len(smol_tokenizer) - 1]
+    kwargs = dict(stop_ids=never, max_new_tokens=12, batch_size=4)
+    prompts = _prompts(smol_tokenizer)
+    plain = generate(model, smol_tokenizer, prompts, **kwargs)
+    plain_rows = sum(rows)
+    answers = _reference(model, smol_tokenizer, never, 12)  # the same answers, as token ids
+    assert [g.text for g in plain] == [smol_tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    references = [answers[0] + never,  # all of it: no decoding step at all
+                  answers[1][:5] + [answers[1][5] + 1] + answers[1][6:],  # the first 5, then a wrong token
+                  [answers[2][0] + 1] + answers[2][1:],  # wrong from the first token
+                  answers[3][:7]]  # shorter than the answer
+    drafted = [Prompt(p.ids, r, [True] * len(r)) for p, r in zip(prompts, references)]
+    rows.clear()
+    gens = generate(model, smol_tokenizer, drafted, **kwargs)
+    assert [(g.text, g.new_tokens, g.stopped) for g in gens] == [(g.text, g.new_tokens, g.stopped) for g in plain]
+    # decoding steps per row: 11 without a draft; with it, 0, 12 - 6, 11 and 12 - 7 (compacted as rows end)
+    assert plain_rows == 4 * 11 and sum(rows) == 0 + 6 + 11 + 5
+
+
+def test_accept_takes_the_picks_that_match_the_draft():
+    accept = generate_module._accept
+    stop = {0}
+    assert accept([5, 6, 7, 9], [5, 6, 7, 8], stop, 10) == ([5, 6, 7, 9], False, True)  # all taken, last differs
+    assert accept([5, 4, 7, 9], [5, 6, 7, 8], stop, 10) == ([5, 4], False, True)  # decoding goes on after 4
+    assert accept([5, 6, 0, 9], [5, 6, 0, 8], stop, 10) == ([5, 6], True, False)  # stopped as the draft does
+    assert accept([0], [], stop, 10) == ([], True, False)
+    assert accept([5, 6, 7, 9], [5, 6, 7, 8], stop, 2) == ([5, 6], False, False)  # at the token limit
+    assert accept([5, 6], [5, 6], stop, 0) == ([], False, False)
 
 
 def test_folded_adapter_gives_peft_logits_and_leaves_the_base_weights(smol_dir, smol_tokenizer):

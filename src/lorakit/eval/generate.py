@@ -1,12 +1,16 @@
 """Batched generation from token prompts, with the adapter on or off in the same model, and the
 teacher-forced loss of each prompt's reference answer from the same prompt pass.
 
-A small decode loop instead of `model.generate`, for savings that keep greedy results the same:
-- the prompt is run once for both the loss and the generation: after the prefill, the reference
-  tokens are fed after the prompt (their logits give the loss), then cut from the KV cache again
-  before decoding starts, so decoding sees exactly the prompt's cache;
-- a row that emits an end-of-turn token leaves the batch at once (its KV-cache row is dropped),
-  so finished answers cost nothing while the rest of the batch keeps generating;
+A small decode loop instead of `model.generate`, for savings that keep greedy results the same (up to
+float rounding: the same tokens computed in another batch shape or summation order):
+- each prompt is run once for both the loss and the generation: its reference follows it in the same
+  forward (those logits give the loss), in groups of rows of about the same length, so little padding
+  is computed;
+- the reference is a draft for decoding: a pick made after a reference token equal to the next one is
+  the token decoding would have picked there, so a row whose answer starts like its reference skips
+  those steps and keeps their keys and values; the other reference tokens leave its cache;
+- keys and values are written in place into buffers allocated once; a row that ends stops costing
+  compute once the ended rows are an eighth of the batch (they then leave it);
 - with the adapter on, plain LoRA on fp32 weights is folded into them for the call (`_folded`).
 """
 
@@ -56,9 +60,10 @@ def generate(model, tokenizer, prompts: list[Prompt], *, stop_ids: list[int], ma
     """One Generation per prompt, in input order.
 
     `model` is a PeftModel; `adapter=False` disables its adapter, so base and tuned share one copy of
-    the weights (`_adapter`). Prompts are sorted by length and left-padded so each batch wastes little.
+    the weights (`_adapter`). Prompts are sorted by length with their references, so each batch wastes
+    little.
     """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids) + len(_draft(prompts[i])))
     results: list[Generation | None] = [None] * len(prompts)
     pick = _picker(sampling, next(model.parameters()).device)
     model.eval()
@@ -66,122 +71,185 @@ def generate(model, tokenizer, prompts: list[Prompt], *, stop_ids: list[int], ma
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = _Batch(model.get_base_model(), [prompts[i] for i in idx], tokenizer.pad_token_id, max_new_tokens)
-            for i, (ids, stopped, loss, n) in zip(idx, batch.run(stop_ids, max_new_tokens, pick)):
+            for i, (ids, stopped, (loss, n)) in zip(idx, batch.run(set(stop_ids), max_new_tokens, pick)):
                 results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), stopped, loss, n)
     return results
 
 
 class _Batch:
-    """One left-padded batch: prefill, the reference loss, then decoding until every row has stopped."""
+    """Prompts decoded together: the prefill, which gives the reference losses and each row's first
+    tokens, then decoding until every row has stopped.
+
+    Cache columns during the prefill: [0, shared) the tokens every prompt starts with, run once; then
+    each row's rest of prompt and its draft but the last token (`fed`), right-aligned to column `end`,
+    padding before them. Decoding first packs each row's kept columns to end at one column, and writes
+    on from there. `mask` marks the columns each cache row attends to.
+    """
 
     def __init__(self, model, prompts: list[Prompt], pad_id: int, max_new_tokens: int):
         self.model, self.prompts, self.pad_id = model, prompts, pad_id
         self.device = next(model.parameters()).device
-        longest = max(len(p.ids) + max(len(p.reference) - 1, max_new_tokens) for p in prompts)
-        self.cache = _Cache(model.config.num_hidden_layers, len(prompts), longest)
+        ids = [p.ids for p in prompts]
+        self.shared = _shared_prefix(ids, max(min(map(len, ids)) - 1, 0))
+        self.drafts = [_draft(p) for p in prompts]
+        self.fed = [p.ids[self.shared:] + draft[:-1] for p, draft in zip(prompts, self.drafts)]
+        self.end = self.shared + max(map(len, self.fed))
+        self.cache = _Cache(model.config.num_hidden_layers, len(prompts), self.end + max_new_tokens)
+        self.mask = torch.zeros(len(prompts), self.end + max_new_tokens, dtype=torch.bool, device=self.device)
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.stopped = [False] * len(prompts)
+        self.next: list[tuple[int, int] | None] = [None] * len(prompts)
 
     def _tensor(self, rows) -> torch.Tensor:
         return torch.tensor(rows, device=self.device)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int = 1):
-        """Run `ids` after the cache's first mask.shape[1] - ids.shape[1] columns, writing their keys and
-        values there; `mask` marks which columns each row attends to."""
-        self.cache.window(len(ids), mask.shape[1] - ids.shape[1])
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-                          use_cache=True, logits_to_keep=keep).logits
+    def _forward(self, ids: torch.Tensor, rows: slice, start: int, positions: torch.Tensor,
+                 keep: int | torch.Tensor = 1):
+        """Run `ids` for cache rows `rows`, writing their keys and values from column `start` on."""
+        self.cache.window(rows, start)
+        return self.model(input_ids=ids, attention_mask=self.mask[rows, :start + ids.shape[1]],
+                          position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=keep).logits
 
-    def run(self, stop_ids: list[int], max_new_tokens: int, pick):
-        """(new token ids without the stop token, stopped, reference loss, reference tokens) per row."""
-        logits = self._prefill()
-        losses = self._reference_loss(logits) if any(p.reference for p in self.prompts) else [(0.0, 0)] * len(
-            self.prompts)
-        tokens, stopped = self._decode(logits, stop_ids, max_new_tokens, pick)
-        return [(t, s, loss, n) for t, s, (loss, n) in zip(tokens, stopped, losses)]
+    def run(self, stop: set[int], max_new_tokens: int, pick):
+        """(new token ids without the stop token, stopped, (reference loss, reference tokens)) per row."""
+        if self.shared:
+            head = self._tensor([self.prompts[0].ids[:self.shared]])
+            self.mask[:, :self.shared] = True
+            self._forward(head, slice(0, 1), 0, torch.arange(self.shared, device=self.device)[None])
+            self.cache.spread(self.shared)
+        losses, going = [], []
+        for rows in _groups(list(map(len, self.fed)), _PREFILL_TOKENS):
+            losses += self._prefill(rows, stop, max_new_tokens, pick)
+            going += [row for row in range(rows.start, rows.stop) if self.next[row]]
+        if going:
+            self._decode(going, stop, max_new_tokens, pick)
+        return list(zip(self.tokens, self.stopped, losses))
 
-    def _prefill(self) -> torch.Tensor:
-        """Fill the cache with the prompts; the logits after each prompt's last token.
-
-        The tokens every prompt starts with (system prompt, template header: often a third of a prompt)
-        are run once and their cache repeated for each row; each row's rest follows, left-padded, so
-        the padding sits between the shared part and the rest, masked out, with positions that skip it.
-        """
-        prompts = [p.ids for p in self.prompts]
-        shared = _shared_prefix(prompts, max(min(map(len, prompts)) - 1, 0))
-        if shared:
-            head = self._tensor([prompts[0][:shared]])
-            self._forward(head, torch.ones_like(head), torch.arange(shared, device=self.device)[None])
-            self.cache.spread(shared)
-        rest = [ids[shared:] for ids in prompts]
-        width = max(map(len, rest))
-        ids = self._tensor([[self.pad_id] * (width - len(r)) + r for r in rest])
-        mask = self._tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest])
-        self.positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # as generate(): padding does not shift them
-        self.mask = torch.cat([mask.new_ones(len(rest), shared), mask], dim=1)
-        return self._forward(ids, self.mask, self.positions)[:, -1]
-
-    def _reference_loss(self, first: torch.Tensor) -> list[tuple[float, int]]:
-        """Feed each row's reference after its prompt; Σ cross-entropy over its trained tokens. The
-        prompt's last logits predict the first reference token. The cache is cut back to the prompt."""
-        refs = [p.reference for p in self.prompts]
-        length = max(len(r) for r in refs)
-        ids = self._tensor([r + [self.pad_id] * (length - len(r)) for r in refs])
-        trained = self._tensor([p.trained + [False] * (length - len(p.trained)) for p in self.prompts])
-        logits = first[:, None]
-        if length > 1:
-            real = self._tensor([[1] * len(r) + [0] * (length - len(r)) for r in refs])
-            steps = torch.arange(1, length, device=self.device)
-            rest = self._forward(ids[:, :-1], torch.cat([self.mask, real[:, :-1]], dim=1),
-                                 self.positions[:, -1:] + steps, keep=0)
-            logits = torch.cat([logits, rest], dim=1)
-        out = []
-        for row in range(len(refs)):  # row by row: one row's fp32 logits at a time
-            nll = F.cross_entropy(logits[row].float(), ids[row], reduction="none")
-            out.append((float(nll[trained[row]].sum()), int(trained[row].sum())))
-        return out
-
-    def _decode(self, logits: torch.Tensor, stop_ids: list[int], max_new_tokens: int, pick):
-        n = len(self.prompts)
-        stop = self._tensor(stop_ids)
-        mask, positions = self.mask, self.positions[:, -1:]
-        live: list[int | None] = list(range(n))  # the batch row each cache row decodes; None once it stopped
-        tokens, stopped = [[] for _ in range(n)], [False] * n
-        for step in range(max_new_tokens):
-            chosen = pick(logits)
-            for i, (token, ended) in enumerate(zip(chosen.tolist(), torch.isin(chosen, stop).tolist())):
-                row = live[i]
-                if row is not None and ended:
-                    stopped[row], live[i] = True, None
+    def _prefill(self, rows: slice, stop: set[int], max_new_tokens: int, pick) -> list[tuple[float, int]]:
+        """Run `rows` (a slice of rows, `fed` ascending) up to column `end`: their reference losses and
+        first tokens; self.next[row] = (next input, its position) for each row that goes on decoding."""
+        fed = self.fed[rows]
+        width = max(map(len, fed))
+        ids = self._tensor([[self.pad_id] * (width - len(f)) + f for f in fed])
+        real = self._tensor([[False] * (width - len(f)) + [True] * len(f) for f in fed])
+        self.mask[rows, self.end - width:self.end] = real
+        positions = self.shared + (real.cumsum(-1) - 1).clamp(min=0)  # padding does not shift them
+        drafts = self.drafts[rows]
+        keep = max(max(len(d), 1) for d in drafts)  # the prompt's end and the draft's tokens
+        # positions as a tensor: the lm_head then gets a contiguous input (one matmul, not one per row)
+        logits = self._forward(ids, rows, self.end - width, positions,
+                               keep=torch.arange(width - keep, width, device=self.device))
+        picks = pick(logits.flatten(0, 1)).view(len(fed), keep).tolist()
+        losses = []
+        for i, (row, draft) in enumerate(zip(range(rows.start, rows.stop), drafts)):
+            at = max(len(draft), 1)
+            losses.append(_loss(logits[i, -at:], draft, self.prompts[row].trained) if draft else (0.0, 0))
+            self.tokens[row], self.stopped[row], goes = _accept(picks[i][-at:], draft, stop, max_new_tokens)
+            # the last token taken is the next input; the draft tokens before it keep their cache
+            self.next[row] = (self.tokens[row][-1], len(self.prompts[row].ids) + len(self.tokens[row]) - 1) if goes \
+                else None
+        return losses
+    def _decode(self, rows: list[int], stop: set[int], max_new_tokens: int, pick):
+        column = self._pack(rows)
+        owner: list[int | None] = list(rows)  # the row each cache row decodes; None once it has stopped
+        chosen = self._tensor([self.next[row][0] for row in rows])
+        positions = self._tensor([self.next[row][1] for row in rows])
+        while True:
+            self.mask[:len(owner), column] = True
+            logits = self._forward(chosen[:, None], slice(0, len(owner)), column, positions[:, None])[:, -1]
+            column, positions, chosen = column + 1, positions + 1, pick(logits)
+            for i, token in enumerate(chosen.tolist()):
+                row = owner[i]
+                if row is not None and token in stop:
+                    self.stopped[row], owner[i] = True, None
                 elif row is not None:
-                    tokens[row].append(token)
-            finished = live.count(None)
-            if finished == len(live) or step == max_new_tokens - 1:
-                break
-            if finished * _COMPACT >= len(live):  # compacting copies the cache: not at every row that stops
-                keep = self._tensor([i for i, row in enumerate(live) if row is not None])
-                self.cache.keep(keep, mask.shape[1])
-                live = [live[i] for i in keep.tolist()]
-                chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            positions = positions + 1
-            logits = self._forward(chosen[:, None], mask, positions)[:, -1]
-        return tokens, stopped
+                    self.tokens[row].append(token)
+                    owner[i] = None if len(self.tokens[row]) == max_new_tokens else row
+            finished = owner.count(None)
+            if finished == len(owner):
+                return
+            if finished * _COMPACT >= len(owner):  # compacting copies the cache: not at every stop
+                keep = self._tensor([i for i, row in enumerate(owner) if row is not None])
+                self.cache.gather(keep, torch.arange(column, device=self.device).expand(len(keep), -1))
+                self.mask[:len(keep)] = self.mask[keep]
+                owner = [owner[i] for i in keep.tolist()]
+                chosen, positions = chosen[keep], positions[keep]
+
+    def _pack(self, rows: list[int]) -> int:
+        """Move `rows` to the front of the cache, each row's columns after the shared ones that decoding
+        keeps (its prompt, the draft tokens taken) moved to end at one column, which it returns: padding
+        and draft tokens not taken leave the columns decoding attends to."""
+        lengths = [self.next[row][1] - self.shared for row in rows]
+        column = self.shared + max(lengths)
+        source = torch.arange(column, device=self.device).repeat(len(rows), 1)
+        self.mask[:len(rows)] = False
+        self.mask[:len(rows), :self.shared] = True
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            start = self.end - len(self.fed[row])
+            source[i, column - length:] = torch.arange(start, start + length, device=self.device)
+            self.mask[i, column - length:column] = True
+        self.cache.gather(self._tensor(rows), source)
+        return column
 
 
-# Stopped rows leave the decoding batch once they are at least 1/_COMPACT of it.
-_COMPACT = 4
+# Tokens (rows × padded length) per prefill forward: its activations stay under glibc's 32 MiB mmap
+# threshold, so their memory is reused instead of mapped and faulted in anew.
+_PREFILL_TOKENS = 1024
+# Stopped rows leave the decoding batch once they are at least 1/_COMPACT of it (on the demo, 1/8 beat
+# 1/4 and 1/16 in a cost model from the rows' stopping steps).
+_COMPACT = 8
+
+
+def _groups(lengths: list[int], budget: int) -> list[slice]:
+    """Consecutive rows (lengths ascending) in slices of at most `budget` tokens once padded; at least
+    one row each."""
+    groups, first = [], 0
+    for row, length in enumerate(lengths):
+        if row > first and (row - first + 1) * length > budget:
+            groups.append(slice(first, row))
+            first = row
+    return groups + [slice(first, len(lengths))]
+
+
+def _draft(prompt: Prompt) -> list[int]:
+    """The reference up to its last trained token: the loss needs no logits after it, and decoding stops
+    at the end-of-turn token a trained answer ends with. Its tokens are fed after the prompt."""
+    last = max((i for i, trained in enumerate(prompt.trained) if trained), default=len(prompt.reference) - 1)
+    return prompt.reference[:last + 1]
+
+
+def _loss(logits: torch.Tensor, draft: list[int], trained: list[bool]) -> tuple[float, int]:
+    """Σ cross-entropy of the draft's trained tokens; `logits` at the prompt's end and the draft but its last."""
+    nll = F.cross_entropy(logits.float(), torch.tensor(draft, device=logits.device), reduction="none")
+    mask = torch.tensor(trained[:len(draft)], device=logits.device)
+    return float(nll[mask].sum()), int(mask.sum())
+
+
+def _accept(picks: list[int], draft: list[int], stop: set[int], limit: int) -> tuple[list[int], bool, bool]:
+    """A row's first tokens, from its picks at the prompt's end and after each draft token fed: while a
+    pick equals the draft token fed next, it is the token decoding would have picked and fed there, so
+    picks are taken up to the first that differs (or stops, or the last). At most `limit` tokens;
+    returns (tokens without a stop token, stopped, decoding goes on from the last token)."""
+    n = 0
+    while n < len(picks) - 1 and picks[n] == draft[n] and picks[n] not in stop:
+        n += 1
+    made = picks[:n + 1][:limit]
+    if made and made[-1] in stop:
+        return made[:-1], True, False
+    return made, False, len(made) < limit
 
 
 class _Cache(Cache):
     """Keys and values in buffers allocated once (rows × heads × columns × head dim per layer) and written
-    in place: the next forward's tokens go to rows [0, rows) from column `start` (`window`), and attend to
-    the columns before them, masked by the 2D attention mask the forward gets. Instead of DynamicCache's
-    concatenation at every step and row selection at every stopped row."""
+    in place: the next forward's tokens go to cache rows `rows` from column `start` (`window`) and attend
+    to the columns before them, as the 2D attention mask the forward gets allows. Instead of
+    DynamicCache's concatenation at every step and row selection at every stopped row."""
 
     def __init__(self, layers: int, rows: int, columns: int):
         super().__init__(layers=[_Layer(self) for _ in range(layers)])
-        self.size, self.rows, self.start = (rows, columns), rows, 0
+        self.size, self.rows, self.start = (rows, columns), slice(0, rows), 0
 
-    def window(self, rows: int, start: int) -> None:
+    def window(self, rows: slice, start: int) -> None:
         self.rows, self.start = rows, start
 
     def spread(self, width: int) -> None:
@@ -190,11 +258,11 @@ class _Cache(Cache):
             for buffer in (layer.keys, layer.values):
                 buffer[1:, :, :width] = buffer[:1, :, :width]
 
-    def keep(self, rows: torch.Tensor, width: int) -> None:
-        """Move `rows` (ascending) to the front; only the first `width` columns hold anything."""
+    def gather(self, rows: torch.Tensor, columns: torch.Tensor) -> None:
+        """Row i, column j becomes what row rows[i], column columns[i, j] held."""
         for layer in self.layers:
             for buffer in (layer.keys, layer.values):
-                buffer[:len(rows), :, :width] = buffer[rows, :, :width]
+                buffer[:len(rows), :, :columns.shape[1]] = buffer[rows[:, None], :, columns].permute(0, 2, 1, 3)
 
 
 class _Layer(CacheLayerMixin):
@@ -213,9 +281,9 @@ class _Layer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rows, start, end = self.cache.rows, self.cache.start, self.cache.start + key_states.shape[2]
-        self.keys[:rows, :, start:end] = key_states
-        self.values[:rows, :, start:end] = value_states
-        return self.keys[:rows, :, :end], self.values[:rows, :, :end]
+        self.keys[rows, :, start:end] = key_states
+        self.values[rows, :, start:end] = value_states
+        return self.keys[rows, :, :end], self.values[rows, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.start + query_length, 0
