@@ -57,13 +57,14 @@ def _ids(tokenizer, gens):
 generate_module = importlib.import_module("lorakit.eval.generate")
 
 
-# prefill: one forward for all rows, or one per row; compaction: never (stopped rows ride along to the
-# end), or at the first row that stops
-@pytest.mark.parametrize("prefill_tokens,compact", [(1024, 8), (16, 1)])
+# prefill: one forward for all rows, or one per row; compaction: at the first row that stops, or never
+# (stopped rows ride along to the end); the adapter folded into the weights, or through PEFT
+@pytest.mark.parametrize("prefill_tokens,compact,fold", [(1024, 8, True), (16, 1, False)])
 def test_greedy_matches_transformers_generate_also_when_rows_stop(peft_model, smol_tokenizer, monkeypatch,
-                                                                  prefill_tokens, compact):
+                                                                  prefill_tokens, compact, fold):
     monkeypatch.setattr(generate_module, "_PREFILL_TOKENS", prefill_tokens)
     monkeypatch.setattr(generate_module, "_COMPACT", compact)
+    monkeypatch.setattr(generate_module, "_foldable", lambda model: fold)
     never = [len(smol_tokenizer) - 1]
     ref = _reference(peft_model, smol_tokenizer, never, 12)
     gens = generate(peft_model, smol_tokenizer, _prompts(smol_tokenizer), stop_ids=never, max_new_tokens=12, batch_size=4)
