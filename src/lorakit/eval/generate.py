@@ -144,12 +144,14 @@ class _Batch:
         for i, (row, draft) in enumerate(zip(range(rows.start, rows.stop), drafts)):
             at = max(len(draft), 1)
             losses.append(_loss(logits[i, -at:], draft, self.prompts[row].trained) if draft else (0.0, 0))
-            self.tokens[row], self.stopped[row], goes = _accept(picks[i][-at:], draft, stop, max_new_tokens)
+            tokens, self.stopped[row], goes = _accept(picks[i][-at:], draft, stop, max_new_tokens)
+            self.tokens[row] = tokens
             # the last token taken is the next input; the draft tokens before it keep their cache
-            self.next[row] = (self.tokens[row][-1], len(self.prompts[row].ids) + len(self.tokens[row]) - 1) if goes \
-                else None
+            self.next[row] = (tokens[-1], len(self.prompts[row].ids) + len(tokens) - 1) if goes else None
         return losses
+
     def _decode(self, rows: list[int], stop: set[int], max_new_tokens: int, pick):
+        """Decode `rows` from self.next until each stops or has max_new_tokens tokens."""
         column = self._pack(rows)
         owner: list[int | None] = list(rows)  # the row each cache row decodes; None once it has stopped
         chosen = self._tensor([self.next[row][0] for row in rows])
