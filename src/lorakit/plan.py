@@ -296,7 +296,14 @@ def _layer_backward(arch: Arch, step: Step) -> float:
 
 
 LOSS_CHUNK = 4096  # tokens per chunk of lorakit.train.loss.chunked_cross_entropy_sum (CUDA)
-CPU_CHUNK_BYTES = 24 << 20  # fp32 logits per chunk on CPU: lorakit.train.loss.CPU_CHUNK_BYTES
+CPU_CHUNK_BYTES = 24 << 20  # fp32 logits per chunk of that loss on CPU
+
+
+def cpu_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of the loss on CPU (lorakit.train.loss uses this too): CPU_CHUNK_BYTES of fp32
+    logits, 128 tokens at a 49k vocabulary. Smaller blocks come back from glibc's heap, reused from one
+    chunk to the next; larger ones are mapped fresh for each."""
+    return max(16, CPU_CHUNK_BYTES // (4 * vocab))
 
 
 def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
@@ -314,7 +321,7 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
     V = arch.vocab
     if arch.full_logits:  # softcapping: full logits of every position, plain cross-entropy
         return V * step.tokens * (a + 12)
-    chunk = LOSS_CHUNK if step.device == "cuda" else min(LOSS_CHUNK, max(16, CPU_CHUNK_BYTES // (4 * V)))
+    chunk = LOSS_CHUNK if step.device == "cuda" else min(LOSS_CHUNK, cpu_chunk_tokens(V))
     first = min(chunk, trained)
     later = min(chunk, trained - first)
     if step.device == "cpu":  # the gradient is written over the fp32 logits (inplace_chunk_loss_and_grad)

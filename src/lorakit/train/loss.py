@@ -4,6 +4,7 @@
 import torch
 import torch.nn.functional as F
 
+from lorakit import plan
 from lorakit.train import fast
 from lorakit.train.batches import IGNORE, trained_index
 
@@ -62,13 +63,13 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         # On CUDA the softmax and its gradient run as one compiled kernel pair over 16-bit logits
         # (one read for the logsumexp, one read and one 16-bit write for the gradient) instead of
         # five fp32 passes. On CPU the gradient is written over the logits, in chunks small enough
-        # (CPU_CHUNK_BYTES) for the allocator to reuse their memory: larger buffers are mapped
-        # fresh from the kernel for every chunk and paid for again in page faults.
+        # (plan.cpu_chunk_tokens) for the allocator to reuse their memory: +5.5% tokens/s on the
+        # 2-core test machine (benchmarks/NOTES.md).
         if hidden.is_cuda:
             loss_and_grad = fast.compiled(fused_chunk_loss_and_grad)
         else:
             loss_and_grad = inplace_chunk_loss_and_grad
-            chunk = min(chunk, max(16, CPU_CHUNK_BYTES // (4 * weight.shape[0])))
+            chunk = min(chunk, plan.cpu_chunk_tokens(weight.shape[0]))
         for i in range(0, hidden.shape[0], chunk):
             h, t = hidden[i:i + chunk], target[i:i + chunk]
             loss, grad_logits = loss_and_grad(h @ weight.to(h.dtype).t(), t)
@@ -91,11 +92,6 @@ def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor) -> tuple[tor
     grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot
     grad[torch.arange(target.shape[0], device=target.device), target] -= 1
     return loss, grad
-
-
-# glibc serves blocks under its mmap threshold (which grows to 32 MiB as large blocks are freed)
-# from the heap, reused from one chunk to the next; 49k-vocabulary logits: 128 tokens a chunk.
-CPU_CHUNK_BYTES = 24 << 20
 
 
 def inplace_chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
