@@ -12,7 +12,9 @@ accumulation), the settings of the seed/TRL table in ../shared/gpu/README.md. Ea
              each decoder layer is compiled whole; with it, each layer's children (eager checkpoint)
   selective  whole layers compiled with checkpointing traced inside them (fast.compile_layers):
              the 4-bit matmul outputs are kept, the rest recomputed
-  cudagraphs whole layers compiled with mode="reduce-overhead" (CUDA graphs): an experiment
+  cudagraphs whole layers compiled with mode="reduce-overhead" (CUDA graphs): train.compile: cudagraphs
+  fp8        `fast` with train.fp8: the frozen base's matmuls in FP8 (train/fp8.py)
+  cg-fp8     `cudagraphs` with train.fp8
 
 Each step is the training loop's own (train.loop: micro-batches from pinned CPU memory, the trained
 positions worked out on the CPU, the loss kept on the GPU until the step ends, fused AdamW). Arms
@@ -98,6 +100,13 @@ ARMS = {
     "llama-lora-mb4-fast": ("llama-8b", "lora", 4, False, "fast"),
     "llama-lora-mb8-fast": ("llama-8b", "lora", 8, False, "fast"),
     "llama-lora-mb4-sel": ("llama-8b", "lora", 4, True, "selective"),
+    "llama-lora-mb8-ref": ("llama-8b", "lora", 8, False, "reference"),
+    "llama-qlora-mb4-fp8": ("llama-8b", "qlora", 4, False, "fp8"),
+    "llama-qlora-mb8-fp8": ("llama-8b", "qlora", 8, False, "fp8"),
+    "llama-lora-mb4-fp8": ("llama-8b", "lora", 4, False, "fp8"),
+    "llama-lora-mb8-fp8": ("llama-8b", "lora", 8, False, "fp8"),
+    "qwen-qlora-mb8-fp8": ("qwen3-0.6b", "qlora", 8, False, "fp8"),
+    "qwen-qlora-mb8-cg-fp8": ("qwen3-0.6b", "qlora", 8, False, "cg-fp8"),
 }
 # name: (arch, variant of benchmarks/trl_baseline.py): the seed guide's script through TRL, run first,
 # each in a child process (Liger patches transformers' model classes for the whole process)
@@ -109,8 +118,8 @@ TRL_ARMS = {
     "llama-trl-lora-tuned": ("llama-8b", "lora-tuned"),
 }
 SEQ, TOKENS_PER_STEP = 2048, 16384
-PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "selective": 4, "cudagraphs": 5}
-COMPILED = ("fast", "selective", "cudagraphs")  # compiling is one-way: eager arms of a model run first
+PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "selective": 4, "cudagraphs": 5, "fp8": 6, "cg-fp8": 7}
+COMPILED = ("fast", "selective", "cudagraphs", "fp8", "cg-fp8")  # compiling is one-way: eager arms of a model run first
 
 
 def random_model_dir(arch: str) -> str:
@@ -157,12 +166,13 @@ class Setup:
         self.compile_error = None  # a failed compile is not retried by the next fast arm
 
     def _compile(self, path: str, ckpt: bool):
-        form = "blocks" if path == "fast" and ckpt else "cudagraphs" if path == "cudagraphs" else "layers"
+        form = "blocks" if path in ("fast", "fp8") and ckpt else "layers"
+        form += {"cudagraphs": "-cudagraphs", "fp8": "-fp8", "cg-fp8": "-cudagraphs-fp8"}.get(path, "")
         if self.compile_error:
             raise Skipped(f"compiling this model failed in an earlier arm ({self.compile_error})")
         if not self.compiled:
-            if path == "fast":
-                fast.speedups(self.model, self.device)  # picks the form from the checkpointing state
+            if path in ("fast", "fp8", "cg-fp8"):  # speedups picks the form from the checkpointing state
+                fast.speedups(self.model, self.device, cudagraphs=path == "cg-fp8", fp8=path != "fast")
             else:
                 fast.compile_layers(self.model, mode="reduce-overhead" if path == "cudagraphs" else None)
             self.compiled = form
@@ -230,7 +240,7 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
                     del b["trained_index"]  # loss_sum then finds the positions on the GPU, and waits
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if path == "cudagraphs":  # a new step: outputs of the previous step's graph replays may be reused
+            if path in ("cudagraphs", "cg-fp8"):  # a new step: outputs of the previous step's graph replays may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             if legacy:
                 total = sum(loop._accumulate(accelerator, wrapped, [b], n_trained, step + 1).item() for b in micros)

@@ -66,6 +66,9 @@ class TrainConfig:
     # CUDA only: torch.compile each decoder layer (train/fast.py); false = eager; cudagraphs = also
     # replay them as CUDA graphs (small models: less launch overhead; needs grad_accum 1)
     compile: bool | Literal["cudagraphs"] = True
+    # CUDA GPUs with FP8 tensor cores (H100, L4, RTX 40xx and later): the frozen base's matmuls run in
+    # FP8 with per-row scales (train/fp8.py): faster, not exact (docs/speed.md); needs compile on
+    fp8: bool = False
     save_every: int = 200  # steps between checkpoints; the final adapter is always saved
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     eval_every: int = 200  # steps between eval-loss measurements

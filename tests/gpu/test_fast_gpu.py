@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lorakit import models
 from lorakit.config import load_config
-from lorakit.train import fast
+from lorakit.train import fast, fp8
 from lorakit.train.loss import (chunk_loss_and_grad, chunked_cross_entropy_sum, fused_chunk_loss_and_grad,
                                 loss_sum, reference_loss_sum)
 
@@ -168,8 +168,10 @@ def test_training_with_cuda_graphs_follows_the_eager_run(gpu_tiny_dir, overfit_c
     from lorakit.api import train
 
     losses = {}
-    for mode in ("false", "true", "cudagraphs"):
-        cfg = load_config(overfit_config, overrides=[f"model={gpu_tiny_dir}", f"train.compile={mode}",
+    for mode in ("false", "true", "cudagraphs", "fp8"):
+        cfg = load_config(overfit_config, overrides=[f"model={gpu_tiny_dir}",
+                                                     f"train.compile={'true' if mode == 'fp8' else mode}",
+                                                     f"train.fp8={mode == 'fp8'}",
                                                      "train.precision=bf16", "train.batch_size=4",
                                                      f"output_dir={tmp_path / mode}"])
         train(cfg)
@@ -178,3 +180,43 @@ def test_training_with_cuda_graphs_follows_the_eager_run(gpu_tiny_dir, overfit_c
     for mode in ("true", "cudagraphs"):
         torch.testing.assert_close(torch.tensor(losses[mode]), torch.tensor(losses["false"]), rtol=2e-2, atol=0,
                                    msg=lambda m: f"{m}\n{losses}")
+    assert losses["fp8"][-1] < losses["fp8"][0] - 0.3, losses  # FP8 is not exact: it must still learn
+    torch.testing.assert_close(torch.tensor(losses["fp8"]), torch.tensor(losses["false"]), rtol=5e-2, atol=0,
+                               msg=lambda m: f"{m}\n{losses}")
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_fp8_matmul_matches_its_plain_reference(tmp_path, method):
+    """torch._scaled_mm on the tensor cores against the same e4m3 operands multiplied in fp32."""
+    model = _lora_model(tmp_path, "llama", method, False)
+    base = model.get_base_model().model.layers[0].mlp.gate_proj.base_layer
+    fp8.attach(model)
+    frozen = base.forward.__self__
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # 300: rows padded to 16
+    dy = torch.randn(300, 704, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fn in (fp8.fp8_linear, fp8.reference_linear):
+        y = fn(x, frozen.stored, frozen.row_scale, frozen.col_scale)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        outs.append((y.float(), dx.float()))
+    for got, want in zip(*outs):
+        assert ((got - want).norm() / want.norm()).item() < 2e-3
+    exact = x.detach().float() @ fp8.dequantize(*frozen.stored).float().t()
+    assert ((outs[0][0] - exact).norm() / exact.norm()).item() < 0.08  # e4m3: 3 mantissa bits per operand
+
+
+def test_compiled_fp8_layers_match_eager_fp8_and_stay_near_bf16(tmp_path):
+    model = _lora_model(tmp_path, "llama", "qlora", False)
+    ids = torch.randint(0, TINY["llama"]["vocab_size"], (2, 300), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    bf16_loss, bf16_grads = _loss_and_grads(model, reference_loss_sum, batch)
+    assert fp8.attach(model) == 7 * TINY["llama"]["num_hidden_layers"]
+    eager_loss, eager_grads = _loss_and_grads(model, reference_loss_sum, batch)
+    fast.speedups(model, torch.device("cuda"))
+    for _ in range(2):
+        fast_loss, fast_grads = _loss_and_grads(model, loss_sum, batch)
+        torch.testing.assert_close(fast_loss, eager_loss, rtol=5e-3, atol=0)
+        torch.testing.assert_close(fast_loss, bf16_loss, rtol=1e-2, atol=0)
+        for got, eager, want in zip(fast_grads, eager_grads, bf16_grads):
+            assert ((got - eager).norm() / eager.norm()).item() < 0.1
+            assert ((got - want).norm() / want.norm()).item() < 0.2

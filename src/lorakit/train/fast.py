@@ -24,17 +24,23 @@ the measurements.
 import functools
 
 import torch
+import torch._functorch.config
+
+from lorakit.train import fp8 as fp8_path
 
 
-def speedups(model, device: torch.device, cudagraphs: bool = False):
+def speedups(model, device: torch.device, cudagraphs: bool = False, fp8: bool = False):
     """Apply the fast path to a model with LoRA attached (call it after checkpointing is set up);
     on any device but CUDA it does nothing, so CPU training computes exactly what it did. Returns the
     model (the same object). `cudagraphs` (train.compile: cudagraphs): the compiled code also runs as
     recorded CUDA graphs, one launch per layer instead of one per kernel; each recorded graph reuses
     its output memory, so the caller marks every micro-batch with `new_graph_step`, needs one
-    micro-batch per optimizer step, and keeps batch shapes fixed (each new shape records again)."""
+    micro-batch per optimizer step, and keeps batch shapes fixed (each new shape records again).
+    `fp8` (train.fp8): the frozen base's matmuls run in FP8 (train/fp8.py)."""
     if device.type != "cuda":
         return model
+    if fp8:
+        fp8_path.attach(model)
     mode = "reduce-overhead" if cudagraphs else None
     if checkpointing(model):
         compile_blocks(model, mode)
@@ -63,7 +69,7 @@ def compile_layers(model, mode: str | None = None) -> int:
     returns how many. Layers share their code, so one compiled graph serves all of them; a second
     sequence length or batch size compiles once more, with symbolic shapes, and then serves all.
     `mode`: torch.compile's ("reduce-overhead": CUDA graphs, see `speedups`)."""
-    _allow_recompiles()
+    _compile_settings()
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(mode=mode)
@@ -72,19 +78,28 @@ def compile_layers(model, mode: str | None = None) -> int:
 
 def compile_blocks(model, mode: str | None = None) -> int:
     """Compile each decoder layer's children (attention, MLP, norms) in place; returns how many."""
-    _allow_recompiles()
+    _compile_settings()
     blocks = [child for layer in decoder_layers(model) for child in layer.children()]
     for block in blocks:
         block.compile(mode=mode)
     return len(blocks)
 
 
-def _allow_recompiles() -> None:
+# The partitioner's memory budget for compiled layers, as a fraction of what it would keep by default.
+# At 0.8 it recomputes in the backward the cheap results it would otherwise keep beside their inputs
+# (the normed inputs of the projections, SwiGLU's product, attention's output in a second layout):
+# a third less activation memory per layer (tests/unit/test_fast.py counts the saved tensors). Below
+# that it starts recomputing matmuls.
+ACTIVATION_BUDGET = 0.8
+
+
+def _compile_settings() -> None:
     # Every transformers decoder layer runs through one code object (the checkpointing wrapper of
     # transformers.modeling_layers), and its graphs multiply: first layer or not (its input needs no
     # grad), train or eval, checkpointing on or off, static then symbolic shapes. Past dynamo's
     # default limit of 8 the layers would silently run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._functorch.config.activation_memory_budget = ACTIVATION_BUDGET
 
 
 @functools.cache

@@ -29,6 +29,7 @@ from lorakit import console, data, models, plan
 from lorakit.config import Config, config_to_dict, dump_config
 from lorakit.errors import LorakitError, RunFailed
 from lorakit.train import checkpoint, fast, faults
+from lorakit.train import fp8 as fp8_path
 from lorakit.train.batches import Schedule, collate, padding_batch, to_device, trained_tokens
 from lorakit.train.loss import TokenLoss
 
@@ -62,11 +63,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     set_seed(cfg.seed)
 
     precision = models.resolve_precision(cfg.train.precision, PartialState().device)
-    if cfg.train.compile == "cudagraphs" and cfg.train.grad_accum > 1:  # on every device: configs travel
-        raise LorakitError(f"train.compile: cudagraphs replays recorded CUDA graphs, which reuse their memory at "
-                           f"every micro-batch, so it needs train.grad_accum: 1 (it is {cfg.train.grad_accum}). "
-                           f"Raise train.batch_size instead, or set train.compile: true.")
-    cudagraphs = cfg.train.compile == "cudagraphs" and PartialState().device.type == "cuda"
+    cudagraphs, fp8 = _fast_path(cfg, PartialState().device)
     accelerator = _accelerator(cfg, precision)
     model_path = models.resolve_model(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.trust_remote_code)
@@ -86,7 +83,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     checkpointing = _gradient_checkpointing(cfg, base)
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
-        model = fast.speedups(model, accelerator.device, cudagraphs)  # CUDA only; eager is the reference
+        model = fast.speedups(model, accelerator.device, cudagraphs, fp8)  # CUDA only; eager is the reference
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay,
                       fused=accelerator.device.type == "cuda" and cfg.train.distributed != "fsdp")
     schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed,
@@ -330,6 +327,30 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, fuse
     """The optimizer. `fused` (CUDA): one kernel updates every parameter, instead of a launch per
     group of tensors per operation; tests/gpu compares it with the default implementation."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _fast_path(cfg: Config, device: torch.device) -> tuple[bool, bool]:
+    """Whether this run replays CUDA graphs and runs the base in FP8; refuses settings that cannot work
+    (on every device: configs travel)."""
+    if cfg.train.compile == "cudagraphs" and cfg.train.grad_accum > 1:
+        raise LorakitError(f"train.compile: cudagraphs replays recorded CUDA graphs, which reuse their memory at "
+                           f"every micro-batch, so it needs train.grad_accum: 1 (it is {cfg.train.grad_accum}). "
+                           f"Raise train.batch_size instead, or set train.compile: true.")
+    if cfg.train.fp8 and not cfg.train.compile:
+        raise LorakitError("train.fp8 runs inside the compiled layers, so it needs train.compile: true "
+                           "(or cudagraphs). Set train.compile: true, or train.fp8: false.")
+    if cfg.train.fp8 and cfg.train.distributed == "fsdp":
+        raise LorakitError("train.fp8 is not available with train.distributed: fsdp yet (the sharded base is not "
+                           "compiled). Set train.fp8: false, or train.distributed: ddp.")
+    cuda = device.type == "cuda"
+    if cfg.train.fp8 and cuda and not fp8_path.supported(device):
+        raise LorakitError(f"train.fp8 needs FP8 tensor cores (compute capability 8.9 or later: H100, L4, RTX 40xx); "
+                           f"{torch.cuda.get_device_name(device)} has "
+                           f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Set train.fp8: false.")
+    if cfg.train.fp8 and not cuda:
+        console.info(f"train.fp8: ignored on {device.type} (it runs on CUDA GPUs only); training runs in "
+                     f"{cfg.train.precision} precision")
+    return cfg.train.compile == "cudagraphs" and cuda, cfg.train.fp8 and cuda
 
 
 def _accelerator(cfg: Config, precision: models.Precision) -> Accelerator:
