@@ -103,6 +103,7 @@ ARMS = {
     "llama-lora-mb8-ref": ("llama-8b", "lora", 8, False, "reference"),
     "llama-qlora-mb4-fp8": ("llama-8b", "qlora", 4, False, "fp8"),
     "llama-qlora-mb8-fp8": ("llama-8b", "qlora", 8, False, "fp8"),
+    "llama-qlora-mb8-ckpt-fp8": ("llama-8b", "qlora", 8, True, "fp8"),
     "llama-lora-mb4-fp8": ("llama-8b", "lora", 4, False, "fp8"),
     "llama-lora-mb8-fp8": ("llama-8b", "lora", 8, False, "fp8"),
     "qwen-qlora-mb8-fp8": ("qwen3-0.6b", "qlora", 8, False, "fp8"),
@@ -358,17 +359,20 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to tabulate (one micro-batch)")
     parser.add_argument("--profile-dir", default="benchmarks/results")
     parser.add_argument("--budget-s", type=float, default=math.inf)
+    parser.add_argument("--activation-budget", type=float, default=fast.ACTIVATION_BUDGET,
+                        help="the compiled layers' activation memory budget (fast.ACTIVATION_BUDGET; 1.0 = keep all)")
     parser.add_argument("--trl-steps", type=int, default=6, help="optimizer steps of each TRL arm")
     parser.add_argument("--tokenizer", default=os.environ.get("TOK", ".tok"),
                         help="folder with tokenizer.json + tokenizer_config.json, for the TRL arms")
     args = parser.parse_args()
+    fast.ACTIVATION_BUDGET = args.activation_budget
     import bitsandbytes
     import peft
     import transformers
 
     meta = dict(date=str(datetime.date.today()), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
-                python=platform.python_version(), seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
+                python=platform.python_version(), activation_budget=args.activation_budget, seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
                 lora="r=16 alpha=32 dropout=0 all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
                 data="random full rows, the same for every arm", timing="steps 4..N, each from a synchronised start to a synchronised end",
                 step="train.loop._accumulate + adamw + clip_grad_norm_, one host wait per step (-s2: per micro-batch)")
