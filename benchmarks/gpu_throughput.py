@@ -172,10 +172,11 @@ class Setup:
         if self.compile_error:
             raise Skipped(f"compiling this model failed in an earlier arm ({self.compile_error})")
         if not self.compiled:
-            if path in ("fast", "fp8", "cg-fp8"):  # speedups picks the form from the checkpointing state
-                fast.speedups(self.model, self.device, cudagraphs=path == "cg-fp8", fp8=path != "fast")
-            else:
-                fast.compile_layers(self.model, mode="reduce-overhead" if path == "cudagraphs" else None)
+            cudagraphs = path in ("cudagraphs", "cg-fp8")
+            if path == "selective" or (cudagraphs and ckpt):  # checkpointing traced into the compiled layer
+                fast.compile_layers(self.model, mode="reduce-overhead" if cudagraphs else None)
+            else:  # as train does; speedups picks the form from the checkpointing state
+                fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"))
             self.compiled = form
         if self.compiled != form:
             raise Skipped(f"this model's layers are compiled as {self.compiled}, this arm needs {form}: "

@@ -32,15 +32,17 @@ def test_speedups_leave_a_cpu_model_untouched():
 def test_speedups_compile_blocks_when_checkpointing(monkeypatch, checkpointing, form):
     """Checkpointing asks for memory: the layer stays eager so its checkpoint keeps only its input."""
     chosen = []
-    monkeypatch.setattr(fast, "compile_layers", lambda model, mode: chosen.append(("layers", mode)))
-    monkeypatch.setattr(fast, "compile_blocks", lambda model, mode: chosen.append(("blocks", mode)))
+    monkeypatch.setattr(fast, "compile_layers", lambda model, mode, budget: chosen.append(("layers", mode, budget)))
+    monkeypatch.setattr(fast, "compile_blocks", lambda model, mode, budget: chosen.append(("blocks", mode, budget)))
     model = _tiny_lora()
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert fast.checkpointing(model) == checkpointing
     fast.speedups(model, torch.device("cuda"))  # the choice only; compiling itself is tested in tests/gpu
     fast.speedups(model, torch.device("cuda"), cudagraphs=True)
-    assert chosen == [(form, None), (form, "reduce-overhead")]
+    monkeypatch.setattr(fast, "LARGE_MODEL", model.num_parameters() - 1)  # large models recompute cheap results
+    fast.speedups(model, torch.device("cuda"))
+    assert chosen == [(form, None, 1.0), (form, "reduce-overhead", 1.0), (form, None, fast.ACTIVATION_BUDGET)]
 
 
 def test_cpu_cross_entropy_never_compiles(monkeypatch):

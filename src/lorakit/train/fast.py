@@ -28,6 +28,17 @@ import torch._functorch.config
 
 from lorakit.train import fp8 as fp8_path
 
+# The partitioner's memory budget for compiled layers, as a fraction of what it would keep by default.
+# At 0.8 it recomputes in the backward the cheap results it would otherwise keep beside their inputs
+# (the normed inputs of the projections, SwiGLU's product, attention's output in a second layout):
+# a third less activation memory per layer (tests/unit/test_fp8.py counts the saved tensors). Below
+# that it starts recomputing matmuls. Measured on one H200 (benchmarks/NOTES.md, session 4): the 8B
+# at micro-batch 4 went from 43.5 to 32.4 GiB at the same speed; Qwen3-0.6B, whose memory was never
+# short, lost 3-5%. So `speedups` applies it above LARGE_MODEL parameters only, as train's
+# gradient_checkpointing: auto does with checkpointing.
+ACTIVATION_BUDGET = 0.8
+LARGE_MODEL = 1e9
+
 
 def speedups(model, device: torch.device, cudagraphs: bool = False, fp8: bool = False):
     """Apply the fast path to a model with LoRA attached (call it after checkpointing is set up);
@@ -42,10 +53,11 @@ def speedups(model, device: torch.device, cudagraphs: bool = False, fp8: bool = 
     if fp8:
         fp8_path.attach(model)
     mode = "reduce-overhead" if cudagraphs else None
+    budget = ACTIVATION_BUDGET if model.num_parameters() > LARGE_MODEL else 1.0
     if checkpointing(model):
-        compile_blocks(model, mode)
+        compile_blocks(model, mode, budget)
     else:
-        compile_layers(model, mode)
+        compile_layers(model, mode, budget)
     return model
 
 
@@ -64,42 +76,35 @@ def checkpointing(model) -> bool:
     return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model))
 
 
-def compile_layers(model, mode: str | None = None) -> int:
+def compile_layers(model, mode: str | None = None, budget: float | None = None) -> int:
     """Compile every decoder layer in place (`Module.compile`, so parameter names do not change);
     returns how many. Layers share their code, so one compiled graph serves all of them; a second
     sequence length or batch size compiles once more, with symbolic shapes, and then serves all.
-    `mode`: torch.compile's ("reduce-overhead": CUDA graphs, see `speedups`)."""
-    _compile_settings()
+    `mode`: torch.compile's ("reduce-overhead": CUDA graphs, see `speedups`); `budget`: the
+    partitioner's (None: ACTIVATION_BUDGET)."""
+    _compile_settings(ACTIVATION_BUDGET if budget is None else budget)
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(mode=mode)
     return len(layers)
 
 
-def compile_blocks(model, mode: str | None = None) -> int:
+def compile_blocks(model, mode: str | None = None, budget: float | None = None) -> int:
     """Compile each decoder layer's children (attention, MLP, norms) in place; returns how many."""
-    _compile_settings()
+    _compile_settings(ACTIVATION_BUDGET if budget is None else budget)
     blocks = [child for layer in decoder_layers(model) for child in layer.children()]
     for block in blocks:
         block.compile(mode=mode)
     return len(blocks)
 
 
-# The partitioner's memory budget for compiled layers, as a fraction of what it would keep by default.
-# At 0.8 it recomputes in the backward the cheap results it would otherwise keep beside their inputs
-# (the normed inputs of the projections, SwiGLU's product, attention's output in a second layout):
-# a third less activation memory per layer (tests/unit/test_fast.py counts the saved tensors). Below
-# that it starts recomputing matmuls.
-ACTIVATION_BUDGET = 0.8
-
-
-def _compile_settings() -> None:
+def _compile_settings(budget: float) -> None:
     # Every transformers decoder layer runs through one code object (the checkpointing wrapper of
     # transformers.modeling_layers), and its graphs multiply: first layer or not (its input needs no
     # grad), train or eval, checkpointing on or off, static then symbolic shapes. Past dynamo's
     # default limit of 8 the layers would silently run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._functorch.config.activation_memory_budget = ACTIVATION_BUDGET
+    torch._functorch.config.activation_memory_budget = budget
 
 
 @functools.cache
