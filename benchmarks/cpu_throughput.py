@@ -13,7 +13,10 @@ Arms (`--only`):
   matmul      one decoder-sized matmul in fp32 and bf16: why precision auto is fp32 on this CPU
 
 Tokens/s counts every token the model runs (padding included, as the arms pad differently: lorakit's
-packed rows carry none), over the steps after the first `--warmup`, on wall time.
+packed rows carry none), over the steps after the first `--warmup`, on wall time. The lorakit arm also
+reports each step's seconds and the arm's user and system CPU seconds and minor page faults: nearly
+all its system time is step 1 touching the step's memory for the first time (benchmarks/NOTES.md,
+session 4), outside the timed steps.
 
 usage: python benchmarks/cpu_throughput.py [--steps 6] [--warmup 2] [--only ARM ...] [--out FILE]
 """
@@ -23,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -51,14 +55,18 @@ def lorakit_arm(steps: int, warmup: int, work: Path) -> dict:
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
         f"train.batch_size={BATCH}", "train.grad_accum=1", f"train.max_steps={steps}", "train.log_every=1",
         f"train.save_every={steps + 1}", "eval.after_train=false", f"output_dir={work / 'run'}"])
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = lorakit.train(cfg)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     log = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = log[warmup:]
     seconds = sum(r["tokens"] / r["tok_s"] for r in timed)
     return {"tok_s": sum(r["tokens"] for r in timed) / seconds, "loss": [round(r["loss"], 4) for r in log],
             "tokens_per_step": [r["tokens"] for r in log],
+            "step_seconds": [round(r["tokens"] / r["tok_s"], 1) for r in log],
             "precision": models.resolve_precision("auto", torch.device("cpu")).name,
-            "train_seconds": round(result.seconds, 1)}
+            "train_seconds": round(result.seconds, 1), "user_seconds": round(after.ru_utime - before.ru_utime, 1),
+            "sys_seconds": round(after.ru_stime - before.ru_stime, 1), "minor_faults": after.ru_minflt - before.ru_minflt}
 
 
 def trl_arm(steps: int, warmup: int, micro: int) -> dict:
