@@ -127,6 +127,28 @@ def test_cudagraphs_needs_one_micro_batch_per_step(overfit_config, tiny_model_di
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["train.fp8=true", "train.compile=false"], r"train.fp8 runs inside the compiled layers, so it needs train.compile"),
+    (["train.fp8=true", "train.distributed=fsdp"], r"train.fp8 is not available with train.distributed: fsdp"),
+])
+def test_fp8_refuses_settings_it_cannot_run_with(overfit_config, tiny_model_dir, tmp_path, overrides, message):
+    from lorakit.errors import LorakitError
+    from lorakit.train.loop import train
+
+    cfg = load_config(overfit_config, overrides=[f"model={tiny_model_dir}", *overrides, f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(LorakitError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp8_is_ignored_on_cpu_with_a_note(overfit_config, capsys):
+    from lorakit.train.loop import _fast_path
+
+    cfg = load_config(overfit_config, overrides=["train.fp8=true"])
+    assert _fast_path(cfg, torch.device("cpu")) == (False, False)
+    assert "train.fp8: ignored on cpu" in capsys.readouterr().err
+
+
 def test_collate_pads_to_a_fixed_width():
     rows = [Rendered([1, 2, 3], [IGNORE, 2, 3]), Rendered([4, 5], [IGNORE, 5])]
     batch = collate(rows, pad_id=0, width=6)

@@ -100,7 +100,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
         if main:
             _truncate_metrics(out / "metrics.jsonl", step)
         console.info(f"resumed from {resume_from} (step {step})")
-    console.run_header(cfg, method, precision.name, checkpointing, total, schedule, model)
+    console.run_header(cfg, method, precision.name + (" · fp8 base matmuls" if fp8 else ""), checkpointing, total,
+                       schedule, model)
     last_loss, bad_steps = math.nan, []
     with _StopFlag() as stop, open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
             console.progress(total, step, cfg.train.log_every) as bar:
