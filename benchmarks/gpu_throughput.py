@@ -242,7 +242,7 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
                     del b["trained_index"]  # loss_sum then finds the positions on the GPU, and waits
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if path in ("cudagraphs", "cg-fp8"):  # a new step: outputs of the previous step's graph replays may be reused
+            if path in ("cudagraphs", "cg-fp8"):  # a new step: the last step's graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             if legacy:
                 total = sum(loop._accumulate(accelerator, wrapped, [b], n_trained, step + 1).item() for b in micros)
@@ -373,7 +373,8 @@ def main() -> None:
 
     meta = dict(date=str(datetime.date.today()), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
-                python=platform.python_version(), activation_budget_over_1e9_params=args.activation_budget, seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
+                python=platform.python_version(), activation_budget_over_1e9_params=args.activation_budget,
+                seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
                 lora="r=16 alpha=32 dropout=0 all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
                 data="random full rows, the same for every arm", timing="steps 4..N, each from a synchronised start to a synchronised end",
                 step="train.loop._accumulate + adamw + clip_grad_norm_, one host wait per step (-s2: per micro-batch)")

@@ -46,7 +46,7 @@ def attach(model) -> int:
 
 
 def _castable(base) -> bool:
-    """Shapes the FP8 kernels take (multiples of 16), and 4-bit blocks that do not straddle rows."""
+    """Shapes the FP8 kernels take (multiples of 16), and whole 4-bit blocks in every row."""
     if base.in_features % 16 or base.out_features % 16:
         return False
     if _is_4bit(base):
@@ -137,7 +137,7 @@ def _scaled_mm(a: torch.Tensor, b_t: torch.Tensor, a_scale, b_scale) -> torch.Te
 
 class _FP8Matmul(torch.autograd.Function):
     """y = x Wᵀ with W frozen: the weight is cast from its stored form in the forward and again in the
-    backward, so only x's shape is kept between them."""
+    backward, and nothing of x is kept between them (a frozen weight needs no x for its gradient)."""
 
     @staticmethod
     def forward(ctx, x, stored, row_scale, col_scale):
@@ -159,12 +159,14 @@ class _FP8Matmul(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, stored: tuple, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ (no bias) for the weight `stored_weight` returned, with the matmuls in FP8; x [..., in] in any float dtype, y in bf16."""
+    """x Wᵀ (no bias) for the weight `stored_weight` returned, with the matmuls in FP8; x [..., in] in
+    any float dtype, y in bf16."""
     flat = x.reshape(-1, x.shape[-1])
     return _FP8Matmul.apply(flat, stored, row_scale, col_scale).reshape(*x.shape[:-1], -1)
 
 
-def reference_linear(x: torch.Tensor, stored: tuple, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+def reference_linear(x: torch.Tensor, stored: tuple, row_scale: torch.Tensor,
+                     col_scale: torch.Tensor) -> torch.Tensor:
     """`fp8_linear`'s arithmetic in plain PyTorch: every operand rounded to e4m3 the same way, then
     multiplied in fp32. The forward matches fp8_linear up to fp32-vs-tensor-core summation order."""
     flat = x.reshape(-1, x.shape[-1])
