@@ -56,6 +56,7 @@ def test_defaults_match_design(tmp_path):
             "precision": "auto",
             "gradient_checkpointing": "auto",
             "compile": True,
+            "fp8": False,
             "save_every": 200,
             "keep_checkpoints": 2,
             "eval_every": 200,
