@@ -2,13 +2,16 @@
 
 - `compile_layers`: each decoder layer (LoRA and 4-bit linears included) compiled whole. Inductor
   fuses RMSNorm, RoPE, SwiGLU and LoRA's scale-and-add, and AOTAutograd's partitioner recomputes
-  those cheap pointwise results in backward instead of keeping them, so activation memory drops too.
+  some cheap pointwise results in backward instead of keeping them (more under the activation budget).
   With gradient checkpointing on, the checkpoint is traced into the compiled layer and becomes
   selective: the outputs of the 4-bit matmuls (custom ops the partitioner does not recompute) are
   kept, the rest recomputed.
 - `compile_blocks`: each layer's children compiled, the layer not; eager checkpointing around the
   layer then keeps only the layer's input, as uncompiled checkpointing does, and recomputes in
   compiled code. What `speedups` uses when checkpointing is on: it holds the memory the user asked for.
+- The partitioner's activation budget (ACTIVATION_BUDGET, models over LARGE_MODEL parameters): cheap
+  results recomputed in backward instead of kept.
+- `train.fp8`: `speedups` routes the frozen base's matmuls through train/fp8.py before compiling.
 - `compiled`: one compiled copy of a function (train/loss.py compiles its per-chunk CE step with it).
 - `cheap_dropout` (CPU): LoRA dropout with its mask drawn from random 16-bit integers. torch's CPU
   dropout draws a float per element, 86 ms for one [4096 x 1536] input on the 2-core test machine,

@@ -349,8 +349,7 @@ def _fast_path(cfg: Config, device: torch.device) -> tuple[bool, bool]:
                            f"{torch.cuda.get_device_name(device)} has "
                            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Set train.fp8: false.")
     if cfg.train.fp8 and not cuda:
-        console.info(f"train.fp8: ignored on {device.type} (it runs on CUDA GPUs only); training runs in "
-                     f"{cfg.train.precision} precision")
+        console.info(f"train.fp8: ignored on {device.type} (it runs on CUDA GPUs with FP8 tensor cores)")
     return cfg.train.compile == "cudagraphs" and cuda, cfg.train.fp8 and cuda
 
 
