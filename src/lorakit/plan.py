@@ -799,14 +799,30 @@ def _largest_batch(arch, cfg, device, precision, work, method, gc) -> int:
     return lo
 
 
+# gradient_checkpointing: auto leaves checkpointing off on a GPU when the step without it is predicted
+# to take at most this share of the device's memory. The model is of the eager step; the compiled one
+# that train runs on CUDA measured 25-35% less (benchmarks/NOTES.md), so the margin is wider than it looks.
+CHECKPOINT_HEADROOM = 0.85
+
+
 def _configured(cfg, arch: Arch, device: Device, options: list[Option]) -> Option:
     gc = cfg.train.gradient_checkpointing
-    if gc == "auto":  # the rule of train/loop.py: on for CUDA models over 3B parameters
-        gc = device.kind == "cuda" and arch.params > 3e9
+    if gc == "auto":
+        gc = _auto_checkpointing(cfg, device, options)
     method = cfg.method
     if method == "auto":
         method = "lora" if _find(options, "lora", gc).fits else "qlora"
     return _find(options, method, gc)
+
+
+def _auto_checkpointing(cfg, device: Device, options: list[Option]) -> bool:
+    """train.gradient_checkpointing: auto. Off on CPU (RAM is rarely the limit there, and recomputing
+    costs a quarter of the speed); on a GPU, on only when no configured method's step fits in
+    CHECKPOINT_HEADROOM of its memory without it."""
+    if device.kind != "cuda":
+        return False
+    methods = ("lora", "qlora") if cfg.method == "auto" else (cfg.method,)
+    return all(_find(options, m, False).peak_bytes > CHECKPOINT_HEADROOM * device.memory for m in methods)
 
 
 def _find(options: list[Option], method: str, gc: bool) -> Option:
@@ -839,6 +855,29 @@ def _pow2_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def _plan_device(device, setting: str, keys: str) -> Device:
+    if isinstance(device, Device):
+        return device
+    if device.type == "cuda":
+        return detect_device(index=device.index or 0)
+    if device.type == "cpu":
+        return _cpu_device()
+    raise PlanError(f"{setting}: lorakit has no memory model for {device}; set {keys} explicitly.")
+
+
+def resolve_checkpointing(cfg, device, rows=None) -> tuple[bool, str]:
+    """(on, reason) for `train.gradient_checkpointing: auto` on `device` (a torch.device or a
+    plan.Device) with `cfg.method` and `cfg.train.batch_size` already settled: see _auto_checkpointing."""
+    if getattr(device, "kind", getattr(device, "type", None)) != "cuda":
+        return False, f"off on {getattr(device, 'kind', getattr(device, 'type', device))}"
+    target = _plan_device(device, "train.gradient_checkpointing auto", "train.gradient_checkpointing")
+    p = plan(cfg, rows=rows, device=target)
+    without = _find(p.options, cfg.method, False)
+    on = _auto_checkpointing(cfg, target, p.options)
+    return on, (f"{'on' if on else 'off'}: {without.label} at micro-batch {without.batch_size} needs "
+                f"{_gib(without.peak_bytes)} of {_gib(p.device_memory)} (off up to {CHECKPOINT_HEADROOM:.0%})")
+
+
 def resolve_auto(cfg, device, rows=None) -> tuple[str, int, str]:
     """(method, batch_size, reason) for `method: auto` and `train.batch_size: auto` on `device` (the
     torch.device train runs on, or a plan.Device): lora when its micro-batch fits, else qlora; the
@@ -846,16 +885,7 @@ def resolve_auto(cfg, device, rows=None) -> tuple[str, int, str]:
     kept. `rows`: the prepared training rows, so that the data is not read twice."""
     if cfg.method != "auto" and cfg.train.batch_size != "auto":
         return cfg.method, cfg.train.batch_size, "method and train.batch_size are set in the config"
-    if isinstance(device, Device):
-        target = device
-    elif device.type == "cuda":
-        target = detect_device(index=device.index or 0)
-    elif device.type == "cpu":
-        target = _cpu_device()
-    else:
-        raise PlanError(f"method/batch_size auto: lorakit has no memory model for {device}; set method and "
-                        f"train.batch_size explicitly.")
-    p = plan(cfg, rows=rows, device=target)
+    p = plan(cfg, rows=rows, device=_plan_device(device, "method/batch_size auto", "method and train.batch_size"))
     configured = p.option(p.configured)
     method, gc = configured.method, configured.checkpointing
     if cfg.method == "auto":

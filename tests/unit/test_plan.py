@@ -207,6 +207,19 @@ def test_resolve_auto_picks_qlora_when_lora_does_not_fit(llama8b_dir):
     assert method == "lora" and batch == plan.AUTO_BATCH_MAX and "batch_size 16" in reason
 
 
+def test_auto_checkpointing_stays_off_while_the_step_fits_the_gpu(llama8b_dir):
+    """gradient_checkpointing: auto costs ~30% speed, so train turns it on only when the planner says
+    the step without it would not fit (8B QLoRA at micro-batch 4: off on an H200, on on a 24 GiB card)."""
+    cfg = _cfg(llama8b_dir, batch_size=4)
+    cfg.method = "qlora"
+    on, reason = plan.resolve_checkpointing(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True))
+    assert not on and reason.startswith("off: qlora at micro-batch 4 needs")
+    assert plan.plan(cfg, device=plan.Device("cuda", "H200", "test GPU", 141e9, True)).configured == "qlora"
+    on, reason = plan.resolve_checkpointing(cfg, plan.Device("cuda", "H100", "test GPU", 24 * GiB, True))
+    assert on and reason.startswith("on: ") and "of 24.0 GiB" in reason
+    assert plan.resolve_checkpointing(cfg, torch.device("cpu")) == (False, "off on cpu")
+
+
 def test_resolve_auto_keeps_what_the_config_sets(llama8b_dir):
     gpu = plan.Device("cuda", "H100", "test GPU", 24 * GiB, True)
     cfg = _cfg(llama8b_dir, batch_size="auto", gradient_checkpointing=True)

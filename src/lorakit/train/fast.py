@@ -37,8 +37,7 @@ from lorakit.train import fp8 as fp8_path
 # a third less activation memory per layer (tests/unit/test_fp8.py counts the saved tensors). Below
 # that it starts recomputing matmuls. Measured on one H200 (benchmarks/NOTES.md, session 4): the 8B
 # at micro-batch 4 went from 43.5 to 32.4 GiB at the same speed; Qwen3-0.6B, whose memory was never
-# short, lost 3-5%. So `speedups` applies it above LARGE_MODEL parameters only, as train's
-# gradient_checkpointing: auto does with checkpointing.
+# short, lost 3-5%. So `speedups` applies it above LARGE_MODEL parameters only.
 ACTIVATION_BUDGET = 0.8
 LARGE_MODEL = 1e9
 

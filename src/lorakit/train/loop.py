@@ -80,7 +80,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     console.data_summary(report)
 
     base = models.load_base(cfg, model_path, precision, accelerator.device)
-    checkpointing = _gradient_checkpointing(cfg, base)
+    checkpointing = cfg.train.gradient_checkpointing  # settled by _resolve_auto
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
         model = fast.speedups(model, accelerator.device, cudagraphs, fp8)  # CUDA only; eager is the reference
@@ -416,22 +416,19 @@ def _lr_lambda(cfg: Config, total: int):
 
 
 def _resolve_auto(cfg: Config, device: torch.device, rows) -> str:
-    """Settle `method: auto` and `train.batch_size: auto` through the planner's memory model of this
-    device and these rows; the choice is logged and written to the run's config.yaml, so a resume
-    reads it back instead of deciding again."""
+    """Settle `method: auto`, `train.batch_size: auto` and `train.gradient_checkpointing: auto` through
+    the planner's memory model of this device and these rows; the choice is logged and written to the
+    run's config.yaml, so a resume reads it back instead of deciding again."""
     if "auto" in (cfg.method, cfg.train.batch_size):
         cfg.method, cfg.train.batch_size, reason = plan.resolve_auto(cfg, device, rows)
         console.info(f"auto: {reason}")
     if cfg.method == "qlora" and device.type not in ("cuda", "cpu", "xpu"):
         raise LorakitError(f"method: qlora needs bitsandbytes on CUDA, XPU or CPU; this device is {device}.")
+    if cfg.train.gradient_checkpointing == "auto":
+        cfg.train.gradient_checkpointing, reason = plan.resolve_checkpointing(cfg, device, rows)
+        if device.type == "cuda":  # elsewhere it is simply off
+            console.info(f"auto: gradient checkpointing {reason}")
     return cfg.method
-
-
-def _gradient_checkpointing(cfg: Config, model) -> bool:
-    setting = cfg.train.gradient_checkpointing
-    if setting == "auto":  # recomputation costs ~30% speed; worth it only when memory is the limit
-        return next(model.parameters()).device.type == "cuda" and model.num_parameters() > 3e9
-    return setting
 
 
 class _StopFlag:
