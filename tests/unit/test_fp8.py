@@ -8,26 +8,17 @@ import torch
 from lorakit.train import fast, fp8
 
 
-def _linear4bit(out_features: int, in_features: int, quant_type: str, nested: bool):
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
-                              quant_type=quant_type, compress_statistics=nested)
-    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
-    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, compress_statistics=nested)
-    layer.weight = layer.weight._quantize("cpu") if hasattr(layer.weight, "_quantize") else layer.weight.to("cpu")
-    return layer
-
-
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
 def test_dequantize_reads_bitsandbytes_storage_exactly(quant_type, nested):
+    import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
     torch.manual_seed(0)
     weight = torch.randn(48, 1024, dtype=torch.bfloat16)
     packed, state = F.quantize_4bit(weight, quant_type=quant_type, compress_statistics=nested, blocksize=64)
-    layer = _linear4bit(48, 1024, quant_type, nested)
-    layer.weight.data, layer.weight.quant_state = packed, state
+    layer = bnb.nn.Linear4bit(1024, 48, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type,
+                              compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
     assert torch.equal(fp8.dequantize(*fp8.stored_weight(layer)), F.dequantize_4bit(packed, state).to(torch.bfloat16))
 
 

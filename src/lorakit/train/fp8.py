@@ -104,8 +104,10 @@ def dequantize(weight, code=None, absmax=None, blocksize=None, shape=None, *, ze
         codes8, code8, group_scale, group, offset = absmax
         blocks = torch.arange(codes8.numel(), device=codes8.device)
         absmax = code8[codes8.long()] * group_scale[blocks // group] + offset
-    # Index arithmetic only (no stack, no repeat_interleave): the partitioner may then place this in
-    # the backward, where it is needed, instead of computing it in the forward and keeping the result.
+    # bitsandbytes' own dequantize_4bit is the reference (tests/unit/test_fp8.py: bit-identical), but
+    # it is an opaque op: written out here, inductor fuses unpack, scale and the fp8 cast into one
+    # kernel. Index arithmetic only (no stack, no repeat_interleave): the partitioner may then place
+    # this in the backward, where it is needed, instead of computing it in the forward and keeping it.
     n = weight.numel() * 2
     index = torch.arange(n, device=weight.device) + zero
     nibble = (weight.reshape(-1)[index // 2].int() >> (4 * (1 - index % 2))) & 15
