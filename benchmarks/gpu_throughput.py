@@ -86,6 +86,7 @@ ARMS = {
     "llama-qlora-mb2-fast": ("llama-8b", "qlora", 2, False, "fast"),
     "llama-qlora-mb4-fast": ("llama-8b", "qlora", 4, False, "fast"),
     "llama-qlora-mb4-fast-s2": ("llama-8b", "qlora", 4, False, "fast"),
+    "llama-qlora-mb8-fast": ("llama-8b", "qlora", 8, False, "fast"),
     "llama-qlora-mb8-ckpt-fast": ("llama-8b", "qlora", 8, True, "fast"),
     "llama-qlora-mb4-ckpt-fast": ("llama-8b", "qlora", 4, True, "fast"),
     "llama-qlora-mb8-sel": ("llama-8b", "qlora", 8, True, "selective"),
@@ -355,7 +356,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--only", nargs="*", default=[*TRL_ARMS, *ARMS])
+    parser.add_argument("--only", nargs="*", default=[*TRL_ARMS, *ARMS], choices=[*TRL_ARMS, *ARMS], metavar="ARM")
     parser.add_argument("--out", default=f"benchmarks/results/gpu_throughput_{datetime.date.today()}.json")
     parser.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to tabulate (one micro-batch)")
     parser.add_argument("--profile-dir", default="benchmarks/results")
