@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=500)
-    parser.add_argument("--out", default="long_context.json")
+    parser.add_argument("--out", default=f"benchmarks/results/long_context_{datetime.date.today()}.json")
     args = parser.parse_args()
     start = time.monotonic()
     import bitsandbytes
