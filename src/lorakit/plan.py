@@ -18,6 +18,12 @@ The memory model follows lorakit's own training step (`train/loop.py`, `train/lo
 * what the allocator does not count: the CUDA context and cache slack, or on CPU the process
   itself. Those figures are in `RUNTIME`.
 
+On CUDA with `train.compile` on, train compiles each decoder layer (`train/fast.py`), and AOTAutograd
+keeps another set of tensors for the backward than eager autograd does: `Step.compiled` selects that
+model (`_compiled_layer_activations`, `_compiled_layer_backward`, the fused loss step in `_loss_peak`),
+with the partitioner's activation budget derived from the model's size as `fast.speedups` derives it
+(`activation_budget`). Measured against the H200 peaks in docs/plan.md ("Compiled layers").
+
 Predicted vs measured: docs/plan.md and benchmarks/results/plan_memory_*.json (within 1.4% of
 torch.cuda.max_memory_allocated on 13 H200 configurations).
 
@@ -34,6 +40,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from lorakit.errors import LorakitError
+from lorakit.train import fast
 
 GiB = 2**30
 
@@ -172,6 +179,7 @@ class Step:
     dropout: float = 0.05
     targets: str | tuple = "all-linear"
     double_quant: bool = True
+    compiled: bool = False  # decoder layers compiled (CUDA, train.compile on); False: the eager step
 
     @property
     def tokens(self) -> int:
@@ -295,6 +303,63 @@ def _layer_backward(arch: Arch, step: Step) -> float:
     return max(2 * i + 10 * d, 20 * d) if drop else max(4 * i, 20 * d)
 
 
+def activation_budget(arch: Arch, step: Step) -> float:
+    """The partitioner's activation budget train compiles the layers with: fast.ACTIVATION_BUDGET for
+    models over fast.LARGE_MODEL parameters as `model.num_parameters()` counts them (transformers
+    counts NF4 weights whole; the LoRA weights are included), 1.0 below (fast.speedups)."""
+    params = arch.params + arch.lora_params(step.r, step.targets)
+    return fast.ACTIVATION_BUDGET if params > fast.LARGE_MODEL else 1.0
+
+
+def _compiled_layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
+    """(bytes per token, bytes per layer independent of tokens) a compiled decoder layer keeps for the
+    backward (fast.compile_layers). Listed with saved-tensor hooks on one compiled LoRA layer (inductor
+    on the CPU; Llama at two widths, Qwen3; qlora and lora; dropout, mask), then checked against the
+    whole step's peak on an H200: docs/plan.md, "Compiled layers".
+
+    AOTAutograd's partitioner keeps, at any budget: the layer input and the residual after attention;
+    q, k, v (k and v once per kv head, even when a mask makes transformers repeat them: the copies are
+    recomputed) and, with q/k norms, q and k before them; SDPA's output and logsumexp; the gate and up
+    projections (matmul outputs are not recomputed; for qlora they are bitsandbytes' custom ops);
+    each RMSNorm's 1/rms; lora_A's outputs; and each LoRA layer's dropout mask, as bool.
+    At budget 1.0 it also keeps what is cheap to recompute: the inputs LoRA's A matrices read (the normed
+    inputs, SwiGLU's product, three of the dropped inputs), SDPA's float mask, autocast's 16-bit copies
+    of the LoRA weights, and for lora o_proj's input a second time (PEFT's fp32 cast and autocast's
+    cast back). The CPU listing has that copy for qlora too, since SDPA's CPU output is head-major; on
+    the H200 the 8B's peak grew by 139.4 KB per token and layer from micro-batch 2 to 4 for qlora and
+    147.5 KB for lora, against 139.6 and 147.8 here. At fast.ACTIVATION_BUDGET those are recomputed."""
+    a = _bytes(step.precision)
+    d, i, q, kv, h = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim, arch.heads
+    targeted = arch.targeted(step.targets)
+    groups = {l.group for l in targeted}
+    drop = step.dropout > 0
+    per_token = a * (2 * d + 2 * q + 2 * kv + 2 * i) + 4 * h + 4 * arch.norms
+    if arch.qk_norm:
+        per_token += a * (q + kv) + 4 * (h + arch.kv_heads)
+    per_token += sum(a * step.r + (l.n_in if drop else 0) for l in targeted)
+    per_layer = 0
+    if activation_budget(arch, step) >= 1.0:
+        per_token += a * d * (("attn_in" in groups) + ("mlp_in" in groups)) + a * i * ("mlp_out" in groups)
+        if step.masked:
+            per_token += a * step.seq
+        if drop:
+            per_token += a * d * min(3, sum(l.n_in == d for l in targeted))
+        if step.method == "lora" and a == 2 and "attn_out" in groups:
+            per_token += a * q
+        if a == 2:
+            per_layer = 2 * sum(step.r * (l.n_in + l.n_out) for l in targeted)
+    return per_token, per_layer
+
+
+def _compiled_layer_backward(arch: Arch, step: Step) -> float:
+    """Bytes per token one compiled layer's backward holds above what its forward kept: gradient
+    buffers and what it recomputes. The allocator's peak (torch profiler memory events) during the
+    backward of one compiled LoRA layer on the CPU, at two widths and two row lengths: 7 intermediate-
+    wide 16-bit buffers at fast.ACTIVATION_BUDGET (qlora or lora, dropout or not), 5 at budget 1.0;
+    the same on top of the recomputed layer under checkpointing (docs/plan.md)."""
+    return (5 if activation_budget(arch, step) >= 1.0 else 7) * _bytes(step.precision) * arch.intermediate
+
+
 LOSS_CHUNK = 4096  # tokens per chunk of lorakit.train.loss.chunked_cross_entropy_sum (CUDA)
 CPU_CHUNK_BYTES = 24 << 20  # fp32 logits per chunk of that loss on CPU
 
@@ -316,6 +381,11 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
     previous chunk's fp32 logits and gradient (4 + 4) are still bound while the next is computed.
     On CPU chunks hold CPU_CHUNK_BYTES of fp32 logits, and the gradient overwrites them: the logits
     (4) and logsumexp's temporary (4), plus the previous chunk's gradient (4) from the second on.
+    The compiled step (`Step.compiled`) runs the fused chunk step (loss.fused_chunk_loss_and_grad): the
+    16-bit logits and their 16-bit gradient (2 + 2), plus the previous chunk's gradient from the second
+    chunk on; that matches the H200 peaks of compiled layers (docs/plan.md). The eager model keeps the
+    eager chunk step it was measured with, although train compiles that step on CUDA whatever
+    train.compile says: for compile: false it overstates the loss by up to 8 x vocab x 4096 bytes.
     Plus the gathered hidden states and their gradient (2 x bytes x hidden per trained token)."""
     a = _bytes(step.precision)
     V = arch.vocab
@@ -324,6 +394,8 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
     chunk = LOSS_CHUNK if step.device == "cuda" else min(LOSS_CHUNK, cpu_chunk_tokens(V))
     first = min(chunk, trained)
     later = min(chunk, trained - first)
+    if step.compiled:
+        return V * a * max(2 * first, first + 2 * later) + 2 * a * arch.hidden * trained
     if step.device == "cpu":  # the gradient is written over the fp32 logits (inplace_chunk_loss_and_grad)
         units = max(10 * first, 4 * first + 10 * later) if a == 2 else max(8 * first, 4 * first + 8 * later)
     elif a == 2:
@@ -335,11 +407,15 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
 
 
 def step_memory(arch: Arch, step: Step) -> Memory:
-    """Peak memory of one optimizer step of lorakit's loop on `step`'s micro-batch."""
+    """Peak memory of one optimizer step of lorakit's loop on `step`'s micro-batch: eager, or with
+    compiled layers (`step.compiled`; with checkpointing, the layers' children compiled and the
+    checkpoint eager, as fast.compile_blocks does)."""
     weights = base_weight_bytes(arch, step) + (RUNTIME["cuda_workspace"] if step.device == "cuda" else 0)
     lora = arch.lora_params(step.r, step.targets)
     adapter = 12 * lora  # fp32 weights + AdamW exp_avg and exp_avg_sq
-    per_token, per_layer = _layer_activations(arch, step)
+    # under checkpointing the recomputed layer is counted as the compiled layer keeps it; its compiled
+    # children keep within 8% of that (measured the same way)
+    per_token, per_layer = (_compiled_layer_activations if step.compiled else _layer_activations)(arch, step)
     a = _bytes(step.precision)
     T = step.tokens
     final_norm = (4 * arch.hidden + 4) * T
@@ -348,7 +424,7 @@ def step_memory(arch: Arch, step: Step) -> Memory:
     dequant = 0
     if step.method == "qlora":  # bitsandbytes dequantizes one whole weight for each 4-bit matmul
         dequant = max(l.n_in * l.n_out for l in arch.linears) * a
-    layer_work = _layer_backward(arch, step) * T + dequant
+    layer_work = (_compiled_layer_backward if step.compiled else _layer_backward)(arch, step) * T + dequant
     if step.checkpointing:
         kept = arch.layers * a * arch.hidden * T  # each layer's input
         backward = per_token * T + per_layer + layer_work  # one layer recomputed, then its backward
@@ -492,7 +568,7 @@ def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
     method = step.method if table != "cpu" else "lora"  # CPU: qlora has no anchor of its own
     for m in anchors:
         a, s = _anchor_step(m)
-        if device == m.device and a == replace(arch, note="") and s == step:
+        if device == m.device and a == replace(arch, note="") and s == replace(step, compiled=False):
             return m.tok_s, f"measured ({m.source})"
     size = math.log(arch.layers * arch.layer_linear_params)
 
@@ -709,6 +785,7 @@ class Plan:
     recommendation: str
     change: str  # the one-line config change; "" when none is needed
     notes: list[str] = field(default_factory=list)
+    compiled: bool = False  # memory of the compiled decoder layers train runs (CUDA, train.compile)
 
     def option(self, label: str) -> Option:
         return next(o for o in self.options if o.label == label)
@@ -737,6 +814,7 @@ def plan(cfg, gpu_mem_bytes: float | None = None, gpu_name: str | None = None, *
                for method in ("lora", "qlora") for gc in (False, True)]
     configured = _configured(cfg, arch, device, options)
     recommendation, change = _recommend(cfg, options, configured, batch)
+    compiled = _compiles(cfg, device)
     notes = [arch.note] if arch.note else []
     if not work.from_data:
         notes.append(f"no data.train file found: assumed rows of data.max_length={cfg.data.max_length} tokens, "
@@ -746,7 +824,7 @@ def plan(cfg, gpu_mem_bytes: float | None = None, gpu_name: str | None = None, *
     return Plan(cfg.model, {"model_type": arch.model_type, "layers": arch.layers, "hidden": arch.hidden,
                             "vocab": arch.vocab}, arch.params, arch.lora_params(cfg.lora.r, _targets(cfg)),
                 device.label, device.kind, device.memory, precision, asdict(work), options, configured.label,
-                recommendation, change, notes)
+                recommendation, change, notes, compiled)
 
 
 def _targets(cfg):
@@ -769,7 +847,13 @@ def _step(cfg, device: Device, precision: str, work: Workload, rows: int, method
     width = width or work.width
     trained = trained or rows * min(work.row_trained, width)
     return Step(method, device.kind, precision, gc, rows, width, trained, work.masked, cfg.lora.r,
-                cfg.lora.dropout, _targets(cfg), cfg.quant.double_quant)
+                cfg.lora.dropout, _targets(cfg), cfg.quant.double_quant, _compiles(cfg, device))
+
+
+def _compiles(cfg, device: Device) -> bool:
+    """Whether train compiles the decoder layers (train/loop.py): on CUDA with train.compile on
+    (true or cudagraphs, which keeps the same tensors), except under FSDP."""
+    return device.kind == "cuda" and bool(cfg.train.compile) and cfg.train.distributed != "fsdp"
 
 
 def _option(arch, cfg, device, precision, work, batch, method, gc) -> Option:
@@ -800,8 +884,9 @@ def _largest_batch(arch, cfg, device, precision, work, method, gc) -> int:
 
 
 # gradient_checkpointing: auto leaves checkpointing off on a GPU when the step without it is predicted
-# to take at most this share of the device's memory. The model is of the eager step; the compiled one
-# that train runs on CUDA measured 25-35% less (benchmarks/NOTES.md), so the margin is wider than it looks.
+# to take at most this share of the device's memory: the step as train runs it (compiled layers with
+# train.compile on), whose peaks the model matches within 4% on an H200 (docs/plan.md); the rest covers
+# what varies between batches and the allocator's fragmentation beyond RUNTIME's slack.
 CHECKPOINT_HEADROOM = 0.85
 
 
@@ -943,7 +1028,8 @@ def format_plan(p: Plan) -> str:
     w = p.workload
     lines = [
         f"lorakit plan: {p.model} ({p.arch['model_type']}, {p.params / 1e6:,.0f}M params, LoRA "
-        f"{p.lora_params / 1e6:.1f}M) on {p.device}, {_gib(p.device_memory)}, {p.precision}",
+        f"{p.lora_params / 1e6:.1f}M) on {p.device}, {_gib(p.device_memory)}, {p.precision}"
+        + (", compiled layers" if p.compiled else ""),
         f"{'data' if w['from_data'] else 'assumed'}: {w['rows']:,} rows, {w['tokens']:,} tokens "
         f"({w['trained']:,} trained), longest row {w['width']:,}; {w['processed']:,} tokens per epoch with padding",
         "",

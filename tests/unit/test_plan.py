@@ -4,6 +4,7 @@
 import importlib.util
 import inspect
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from lorakit import plan
 from lorakit.config import Config
+from lorakit.train import fast
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2**30
@@ -94,6 +96,103 @@ def test_dropout_and_mask_cost_what_the_step_keeps():
     # a mask materialises k and v for every head and a float mask per layer
     extra = 4 * 1024 * arch.layers * (2 * 2 * (arch.q_dim - arch.kv_dim) + 2 * 1024) + 4 * 1024 * 1024
     assert masked - plain == pytest.approx(extra)
+
+
+# Peak allocated GiB of lorakit's compiled training step (fast.speedups + the fused loss step) on an H200:
+# random full rows of 2048 tokens, r16/alpha32 all-linear, dropout 0, bf16 autocast, 16,384 tokens per
+# optimizer step. (arch, method, micro-batch, checkpointing, activation budget, GiB, results file
+# benchmarks/results/gpu_throughput_2026-11-29_<file>.json, arm). Budget 1.0 for the 8B: sessions 2-3,
+# before fast.ACTIVATION_BUDGET; 0.8 for the 0.6B: session 4 applied it to every model.
+H200_COMPILED = [
+    ("llama-3.1-8b", "qlora", 4, False, 0.8, 32.43, "s4_llama_budget", "llama-qlora-mb4-fast"),
+    ("llama-3.1-8b", "qlora", 8, False, 0.8, 55.63, "s4_llama_fp8", "llama-qlora-mb8-fp8"),
+    ("llama-3.1-8b", "qlora", 2, False, 1.0, 25.33, "s2", "llama-qlora-mb2-fast"),
+    ("llama-3.1-8b", "qlora", 4, False, 1.0, 43.45, "s3_llama_50", "llama-qlora-mb4-fast"),
+    ("llama-3.1-8b", "qlora", 8, True, 0.8, 14.32, "s2_blocks", "llama-qlora-mb8-ckpt-blocks"),
+    ("llama-3.1-8b", "qlora", 4, True, 0.8, 11.47, "s2_blocks", "llama-qlora-mb4-ckpt-blocks"),
+    ("llama-3.1-8b", "lora", 8, False, 0.8, 65.26, "s4_lora_a", "llama-lora-mb8-fast"),
+    ("llama-3.1-8b", "lora", 2, False, 1.0, 35.98, "s3_llama_lora", "llama-lora-mb2-fast"),
+    ("llama-3.1-8b", "lora", 4, False, 1.0, 55.09, "s3_llama_lora", "llama-lora-mb4-fast"),
+    ("qwen3-0.6b", "qlora", 8, False, 1.0, 23.73, "s3_qwen", "qwen-qlora-mb8-fast"),
+    ("qwen3-0.6b", "qlora", 8, False, 0.8, 19.21, "s4_qwen_a", "qwen-qlora-mb8-fast"),
+]
+
+
+@pytest.mark.parametrize("name, method, rows, gc, budget, gib, file, arm", H200_COMPILED,
+                         ids=[f"{c[0]}-{c[1]}-mb{c[2]}{'-gc' if c[3] else ''}-budget{c[4]}" for c in H200_COMPILED])
+def test_compiled_step_matches_h200_peaks(monkeypatch, name, method, rows, gc, budget, gib, file, arm):
+    results = ROOT / "benchmarks" / "results" / f"gpu_throughput_2026-11-29_{file}.json"
+    measured = next(r for r in json.loads(results.read_text())["results"] if r["arm"] == arm)
+    assert measured["peak_gib"] == gib and measured["micro_batch"] == rows and measured["checkpointing"] == gc
+    arch = _arch(name)
+    step = _step(method=method, rows=rows, seq=2048, trained=rows * 2047, checkpointing=gc, dropout=0.0,
+                 compiled=True)
+    monkeypatch.setattr(fast, "ACTIVATION_BUDGET", budget)
+    monkeypatch.setattr(fast, "LARGE_MODEL", 0)  # the arm's budget, whatever the model's size
+    assert plan.activation_budget(arch, step) == budget
+    assert plan.step_memory(arch, step).allocated / GiB == pytest.approx(gib, rel=0.05)
+
+
+def test_activation_budget_is_fast_speedups_rule(monkeypatch):
+    arch, step = _arch(), _step(compiled=True, dropout=0.0)
+    assert plan.activation_budget(arch, step) == fast.ACTIVATION_BUDGET
+    assert plan.activation_budget(_arch("qwen3-0.6b"), step) == 1.0
+    low = plan.step_memory(arch, step).activations
+    assert low < 0.5 * plan.step_memory(arch, replace(step, compiled=False)).activations
+    monkeypatch.setattr(fast, "ACTIVATION_BUDGET", 1.0)
+    full = plan.step_memory(arch, step).activations
+    # kept at 1.0 only: the normed inputs, SwiGLU's product, lora's second copy of o_proj's input
+    # and autocast's copies of the LoRA weights
+    per_token = 2 * (2 * arch.hidden + arch.intermediate + arch.q_dim)
+    per_layer = 2 * sum(step.r * (l.n_in + l.n_out) for l in arch.linears)
+    assert full - low == arch.layers * (per_token * step.tokens + per_layer)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.8])
+def test_compiled_layer_keeps_what_the_planner_counts(monkeypatch, tmp_path, budget):
+    """One compiled LoRA + NF4 Llama layer on the CPU (fast.compile_layers, PEFT's own dropout as on
+    CUDA): the tensors its forward saves for the backward, against _compiled_layer_activations."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=704, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=128, vocab_size=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    arch = plan.arch_from_config(config)
+    rows, seq = 2, 80
+    step = _step(method="qlora", rows=rows, seq=seq, trained=rows * seq, r=8, dropout=0.05, compiled=True)
+    monkeypatch.setattr(fast, "ACTIVATION_BUDGET", budget)
+    monkeypatch.setattr(fast, "LARGE_MODEL", 0)
+    model.train()
+    base = model.get_base_model().model
+    x = torch.randn(rows, seq, arch.hidden, dtype=torch.bfloat16, requires_grad=True)
+    position = torch.arange(seq)[None].expand(rows, -1)
+    rotary = base.rotary_emb(x, position)
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary]}
+    torch._dynamo.reset()  # layers share their code: a graph compiled at another budget would be reused
+    with torch._functorch.config.patch(activation_memory_budget=1.0):  # compile_layers sets the global
+        fast.compile_layers(model, budget=plan.activation_budget(arch, step))
+        for _ in range(2):  # the first call compiles
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = base.layers[0](x, attention_mask=None, position_ids=position, position_embeddings=rotary)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    measured = sum(n for ptr, n in kept.items() if ptr not in shared)
+    per_token, per_layer = plan._compiled_layer_activations(arch, step)
+    if budget == 1.0:  # on the CPU, SDPA's output is laid out by head and o_proj's input is a copy of it;
+        per_token += 2 * arch.q_dim  # CUDA's flash kernel writes it in o_proj's layout (H200 peaks above)
+    assert measured == per_token * rows * seq + per_layer
 
 
 @pytest.mark.parametrize("case", [dict(rows=4, seq=96), dict(rows=2, seq=128, masked=True, trained=0.2, dropout=0.0)])
@@ -199,9 +298,9 @@ def test_resolve_auto_picks_qlora_when_lora_does_not_fit(llama8b_dir):
     cfg.method = "auto"
     method, batch, reason = plan.resolve_auto(cfg, gpu)
     assert (method, batch) == ("qlora", 8)
-    assert reason.startswith("method qlora: lora fits 1 row of 2048 tokens, qlora 12 rows")
+    assert reason.startswith("method qlora: lora fits 4 rows of 2048 tokens, qlora 12 rows")
     assert reason.endswith("in 24.0 GiB of test GPU")
-    cfg.train.batch_size = "auto"  # lora fits 1 row, qlora 8 (a power of two): qlora
+    cfg.train.batch_size = "auto"  # lora fits 4 rows, qlora 8 (a power of two): qlora
     assert plan.resolve_auto(cfg, gpu)[:2] == ("qlora", 8)
     method, batch, reason = plan.resolve_auto(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True))
     assert method == "lora" and batch == plan.AUTO_BATCH_MAX and "batch_size 16" in reason
@@ -218,6 +317,33 @@ def test_auto_checkpointing_stays_off_while_the_step_fits_the_gpu(llama8b_dir):
     on, reason = plan.resolve_checkpointing(cfg, plan.Device("cuda", "H100", "test GPU", 24 * GiB, True))
     assert on and reason.startswith("on: ") and "of 24.0 GiB" in reason
     assert plan.resolve_checkpointing(cfg, torch.device("cpu")) == (False, "off on cpu")
+
+
+def test_compile_false_plans_the_eager_step(llama8b_dir):
+    """train compiles the decoder layers on CUDA when train.compile is on (not under FSDP); the plan
+    follows: compiled figures then, the eager model otherwise and on the CPU."""
+    gpu = plan.Device("cuda", "H100", "test GPU", 80 * GiB, True)
+    cfg = _cfg(llama8b_dir, batch_size=4, gradient_checkpointing=False)
+    cfg.method = "qlora"
+    arch = plan.load_arch(llama8b_dir)
+    work = plan.workload(cfg)
+
+    def predicted(compiled):
+        step = plan._step(cfg, gpu, "bf16", work, 4, "qlora", False)
+        assert step.compiled == compiled
+        return plan.step_memory(arch, step).total
+
+    compiled = plan.plan(cfg, device=gpu)
+    assert compiled.compiled and "compiled layers" in plan.format_plan(compiled)
+    assert compiled.option("qlora").peak_bytes == predicted(True)
+    cfg.train.compile = False
+    eager = plan.plan(cfg, device=gpu)
+    assert not eager.compiled and eager.option("qlora").peak_bytes == predicted(False)
+    assert compiled.option("qlora").peak_bytes < 0.6 * eager.option("qlora").peak_bytes
+    cfg.train.compile, cfg.train.distributed = "cudagraphs", "fsdp"  # FSDP runs eager layers
+    assert plan.plan(cfg, device=gpu).option("qlora").peak_bytes == eager.option("qlora").peak_bytes
+    cpu = plan.Device("cpu", "cpu", "test CPU", 64 * GiB, False)
+    assert not plan._step(_cfg(llama8b_dir), cpu, "fp32", work, 4, "qlora", False).compiled
 
 
 def test_resolve_auto_keeps_what_the_config_sets(llama8b_dir):
