@@ -13,6 +13,8 @@ accumulation), the settings of the seed/TRL table in ../shared/gpu/README.md. Ea
   selective  whole layers compiled with checkpointing traced inside them (fast.compile_layers):
              the 4-bit matmul outputs are kept, the rest recomputed
   cudagraphs whole layers compiled with mode="reduce-overhead" (CUDA graphs): train.compile: cudagraphs
+  fast-torchdrop  `fast` keeping torch's dropout inside the compiled layers (lorakit before session 5;
+             `fast` swaps in fast.SeededDropout). Differs from `fast` only with --dropout > 0
   fp8        `fast` with train.fp8: the frozen base's matmuls in FP8 (train/fp8.py)
   cg-fp8     `cudagraphs` with train.fp8
 
@@ -87,6 +89,7 @@ ARMS = {
     "llama-qlora-mb4-fast": ("llama-8b", "qlora", 4, False, "fast"),
     "llama-qlora-mb4-fast-s2": ("llama-8b", "qlora", 4, False, "fast"),
     "llama-qlora-mb8-fast": ("llama-8b", "qlora", 8, False, "fast"),
+    "llama-qlora-mb4-fast-torchdrop": ("llama-8b", "qlora", 4, False, "fast-torchdrop"),
     "llama-qlora-mb8-ckpt-fast": ("llama-8b", "qlora", 8, True, "fast"),
     "llama-qlora-mb4-ckpt-fast": ("llama-8b", "qlora", 4, True, "fast"),
     "llama-qlora-mb8-sel": ("llama-8b", "qlora", 8, True, "selective"),
@@ -120,8 +123,8 @@ TRL_ARMS = {
     "llama-trl-lora-tuned": ("llama-8b", "lora-tuned"),
 }
 SEQ, TOKENS_PER_STEP = 2048, 16384
-PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "selective": 4, "cudagraphs": 5, "fp8": 6, "cg-fp8": 7}
-COMPILED = ("fast", "selective", "cudagraphs", "fp8", "cg-fp8")  # compiling is one-way: eager arms of a model run first
+PATH_ORDER = {"reference": 0, "eager": 1, "ce": 2, "fast": 3, "fast-torchdrop": 3, "selective": 4, "cudagraphs": 5, "fp8": 6, "cg-fp8": 7}
+COMPILED = ("fast", "fast-torchdrop", "selective", "cudagraphs", "fp8", "cg-fp8")  # compiling is one-way: eager arms of a model run first
 
 
 def random_model_dir(arch: str) -> str:
@@ -150,10 +153,10 @@ class Setup:
     """One base model with LoRA attached, shared by the arms of its (arch, method); each arm starts
     from the same LoRA weights."""
 
-    def __init__(self, arch: str, method: str):
+    def __init__(self, arch: str, method: str, dropout: float = 0.0):
         self.arch, self.method = arch, method
         path = random_model_dir(arch)
-        cfg = load_config(overrides={"model": path, "method": method, "lora.dropout": 0.0,
+        cfg = load_config(overrides={"model": path, "method": method, "lora.dropout": dropout,
                                      "train.precision": "bf16"}, require_train=False)
         self.device = torch.device("cuda")
         base = models.load_base(cfg, path, models.resolve_precision("bf16", self.device), self.device)
@@ -168,8 +171,9 @@ class Setup:
         self.compile_error = None  # a failed compile is not retried by the next fast arm
 
     def _compile(self, path: str, ckpt: bool):
-        form = "blocks" if path in ("fast", "fp8") and ckpt else "layers"
-        form += {"cudagraphs": "-cudagraphs", "fp8": "-fp8", "cg-fp8": "-cudagraphs-fp8"}.get(path, "")
+        form = "blocks" if path in ("fast", "fast-torchdrop", "fp8") and ckpt else "layers"
+        form += {"cudagraphs": "-cudagraphs", "fp8": "-fp8", "cg-fp8": "-cudagraphs-fp8",
+                 "fast-torchdrop": "-torchdrop"}.get(path, "")
         if self.compile_error:
             raise Skipped(f"compiling this model failed in an earlier arm ({self.compile_error})")
         if not self.compiled:
@@ -177,7 +181,9 @@ class Setup:
             if path == "selective" or (cudagraphs and ckpt):  # checkpointing traced into the compiled layer
                 fast.compile_layers(self.model, mode="reduce-overhead" if cudagraphs else None)
             else:  # as train does; speedups picks the form from the checkpointing state
-                fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"))
+                torch_dropout = mock.patch.object(fast, "cheap_dropout", lambda model, kind: 0)
+                with torch_dropout if path == "fast-torchdrop" else contextlib.nullcontext():
+                    fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"))
             self.compiled = form
         if self.compiled != form:
             raise Skipped(f"this model's layers are compiled as {self.compiled}, this arm needs {form}: "
@@ -361,6 +367,8 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to tabulate (one micro-batch)")
     parser.add_argument("--profile-dir", default="benchmarks/results")
     parser.add_argument("--budget-s", type=float, default=math.inf)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="LoRA dropout (the seed guide's 0.05; 0 keeps every arm's loss comparable with the reference)")
     parser.add_argument("--activation-budget", type=float, default=fast.ACTIVATION_BUDGET,
                         help="the compiled layers' activation memory budget (fast.ACTIVATION_BUDGET; 1.0 = keep all)")
     parser.add_argument("--trl-steps", type=int, default=6, help="optimizer steps of each TRL arm")
@@ -376,7 +384,7 @@ def main() -> None:
                 transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
                 python=platform.python_version(), activation_budget_over_1e9_params=args.activation_budget,
                 seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
-                lora="r=16 alpha=32 dropout=0 all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
+                lora=f"r=16 alpha=32 dropout={args.dropout} all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
                 data="random full rows, the same for every arm", timing="steps 4..N, each from a synchronised start to a synchronised end",
                 step="train.loop._accumulate + adamw + clip_grad_norm_, one host wait per step (-s2: per micro-batch)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -404,7 +412,7 @@ def main() -> None:
                 setup = None
                 torch.cuda.empty_cache()
                 unloadable[arch, method] = "loading"
-                setup = Setup(arch, method)
+                setup = Setup(arch, method, args.dropout)
                 del unloadable[arch, method]
             profile_to = os.path.join(args.profile_dir, f"profile_{name}.txt") if name in args.profile else None
             results.append(run_arm(setup, name, args.steps, profile_to))

@@ -23,12 +23,12 @@ TINY = {
 }
 
 
-def _lora_model(tmp_path, arch: str, method: str, checkpointing: bool):
+def _lora_model(tmp_path, arch: str, method: str, checkpointing: bool, dropout: float = 0.0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(TINY[arch])
     AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)).save_pretrained(tmp_path)
-    cfg = load_config(overrides={"model": str(tmp_path), "method": method, "lora.dropout": 0.0},
+    cfg = load_config(overrides={"model": str(tmp_path), "method": method, "lora.dropout": dropout},
                       require_train=False)
     device = torch.device("cuda")
     base = models.load_base(cfg, str(tmp_path), models.resolve_precision("bf16", device), device)
@@ -79,6 +79,38 @@ def test_fast_path_matches_plain_reference(tmp_path, arch, method, checkpointing
         for got, want in zip(fast_grads, ref_grads):  # bf16 autocast: rounding differs between fused kernels
             assert ((got - want).norm() / want.norm()).item() < 3e-2
     assert list(model.state_dict()) == names  # checkpoints and adapter files keep their keys
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fast_path_with_dropout_matches_eager_with_the_same_masks(tmp_path, checkpointing):
+    """LoRA dropout on: speedups swaps in SeededDropout, whose masks depend on the seeds only, so the
+    compiled layers (at an activation budget below 1, where torch's dropout may be recomputed with
+    other random numbers) are compared with the eager model drawing the same masks."""
+    model = _lora_model(tmp_path, "llama", "qlora", checkpointing, dropout=0.1)
+    n = 7 * TINY["llama"]["num_hidden_layers"]
+    assert fast.cheap_dropout(model, fast.SeededDropout) == n and fast.reseed(model) == n
+    ids = torch.randint(0, TINY["llama"]["vocab_size"], (2, 300), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    torch.manual_seed(5)
+    ref_loss, ref_grads = _loss_and_grads(model, reference_loss_sum, batch)
+    torch.manual_seed(6)
+    other_loss, _ = _loss_and_grads(model, reference_loss_sum, batch)
+    assert other_loss != ref_loss  # other seeds, other masks
+    budget = fast.ACTIVATION_BUDGET
+    fast.ACTIVATION_BUDGET = 0.5
+    try:
+        fast.compile_blocks(model) if checkpointing else fast.compile_layers(model)
+        assert fast.reseed(model) == n  # as speedups calls it again: no second hook
+        for _ in range(2):
+            torch.manual_seed(5)
+            fast_loss, fast_grads = _loss_and_grads(model, loss_sum, batch)
+            torch.testing.assert_close(fast_loss, ref_loss, rtol=2e-3, atol=0)
+            for got, want in zip(fast_grads, ref_grads):
+                assert ((got - want).norm() / want.norm()).item() < 3e-2
+        torch.manual_seed(6)
+        assert _loss_and_grads(model, loss_sum, batch)[0] != fast_loss  # train's loss draws new seeds too
+    finally:
+        fast.ACTIVATION_BUDGET = budget
 
 
 def test_compiled_cross_entropy_step_matches_reference():

@@ -126,3 +126,84 @@ def test_cpu_training_gets_bytes_dropout(tiny_model_dir):
     drops = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
              for d in m.lora_dropout.values()]
     assert drops and all(isinstance(d, fast.BytesDropout) and d.p == cfg.lora.dropout for d in drops)
+
+
+def test_seeded_dropout_matches_nn_dropout_in_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    drop = fast.SeededDropout(0.1)
+    drop.seed.fill_(12345)
+    x = torch.randn(512, 1024, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002
+    assert torch.equal(out[kept], x[kept] * drop.scale)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, kept * drop.scale)
+    assert drop.eval()(x) is x and fast.SeededDropout(0.0)(x) is x
+
+
+def test_seeded_dropout_mask_is_a_function_of_its_seed_only():
+    """Eager and compiled code draw the same mask from the same seed (the compiler may recompute it in
+    the backward); neighbouring elements and seeds are uncorrelated; reseed refills the seeds from torch's
+    generator before every forward of the model."""
+    seed = torch.tensor(7)
+    mask = fast.seeded_keep(seed, (64, 1000), 3277)
+    assert torch.equal(torch.compile(lambda s: fast.seeded_keep(s, (64, 1000), 3277))(seed), mask)
+    flat = fast.seeded_keep(seed, (1 << 20,), 3277).float()
+    other = fast.seeded_keep(seed + 1, (1 << 20,), 3277).float()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+    assert abs(torch.corrcoef(torch.stack([flat, other]))[0, 1].item()) < 0.01
+
+    model = torch.nn.Sequential(fast.SeededDropout(0.5), fast.SeededDropout(0.5))
+    assert fast.reseed(model) == 2
+    x = torch.ones(4, 8)
+    torch.manual_seed(3)
+    first = model(x)
+    seeds = [d.seed.item() for d in model]
+    assert seeds[0] != seeds[1]
+    assert not torch.equal(model(x), first)  # a new forward, new seeds
+    torch.manual_seed(3)
+    assert torch.equal(model(x), first)
+
+
+def test_compiled_layers_with_seeded_dropout_match_eager(tiny_model_dir):
+    """With dropout on, the compiled layers (under the activation budget, where torch's dropout may be
+    recomputed with other random numbers) give the eager model's loss and gradients: same seeds, same masks."""
+    from lorakit.config import Config
+    from lorakit.train.loss import loss_sum, reference_loss_sum
+
+    cfg = Config(model=tiny_model_dir)
+    cfg.lora.dropout = 0.2
+    base = models.load_base(cfg, tiny_model_dir, models.resolve_precision("fp32", torch.device("cpu")),
+                            torch.device("cpu"))
+    model = models.attach_lora(base, cfg, gradient_checkpointing=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    for module in model.modules():  # as speedups does on CUDA
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name in drops:
+                drops[name] = torch.nn.Dropout(cfg.lora.dropout)
+    assert fast.cheap_dropout(model, fast.SeededDropout) == 14 and fast.reseed(model) == 14
+    model.train()
+    ids = torch.randint(0, 1000, (2, 48))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def loss_and_grads(loss=reference_loss_sum):
+        torch.manual_seed(5)
+        value = loss(model, batch)
+        value.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return value.detach(), grads
+
+    eager = loss_and_grads()
+    fast.compile_layers(model, budget=0.5)
+    for _ in range(2):  # train's loss calls the decoder directly: the seeds are drawn there
+        compiled = loss_and_grads(loss_sum)
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+        for got, want in zip(compiled[1], eager[1]):  # chunked against full-logits loss: fp32 rounding
+            assert ((got - want).norm() / want.norm()).item() < 1e-4
+    torch.manual_seed(6)
+    assert not torch.equal(loss_sum(model, batch).detach(), compiled[0])  # other seeds, other masks

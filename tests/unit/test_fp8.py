@@ -56,6 +56,7 @@ def test_fp8_runs_in_training_mode_only_and_leaves_the_module_as_it_was():
     after = base(x)
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, before, rtol=0.1, atol=0.05)
+    assert base.float()(x.float()).dtype == torch.float32  # an fp32 model gets fp32 back (its attention needs it)
 
 
 def test_compiled_fp8_layer_keeps_no_weight_copy_and_recomputes_cheap_results(tmp_path):

@@ -75,7 +75,7 @@ class _FrozenFP8:
     def forward(self, x, *args, **kwargs):
         if not self.base.training:
             return self.eager_forward(x, *args, **kwargs)
-        y = fp8_linear(x, self.stored, self.row_scale, self.col_scale)
+        y = fp8_linear(x, self.stored, self.row_scale, self.col_scale).to(x.dtype)  # fp32 models stay fp32
         return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
 
 
