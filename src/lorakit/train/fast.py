@@ -169,9 +169,9 @@ class _KeepScaled(torch.autograd.Function):
 
 class SeededDropout(BytesDropout):
     """BytesDropout whose 16-bit draws are a hash of (seed, element index), for the compiled CUDA path
-    (`speedups`). The seed is a buffer that `reseed` refills before every forward of the model, outside
-    the compiled code, so the mask is a pure function of the layer's inputs: whether the compiler keeps
-    it for the backward or recomputes it there, it is the forward's mask. With torch's dropout inside
+    (`speedups`). The seed is a buffer that `reseed` refills before every forward of the decoder, outside
+    the compiled code, so the mask is a function of the seed and the element's index only: whether the
+    compiler keeps it for the backward or recomputes it there, it is the forward's mask. With torch's dropout inside
     a compiled layer that is not guaranteed: under an activation budget below 1 the partitioner may
     recompute the dropout in the backward with fresh random numbers (pytorch/pytorch#190758), and
     otherwise keeps a bool mask per LoRA layer (for Llama-3.1-8B, 39 KB per token per layer)."""
@@ -193,8 +193,8 @@ def reseed(model) -> int:
     drops = [m for m in model.modules() if isinstance(m, SeededDropout)]
     if not drops or getattr(model, "_lorakit_reseed", None) is not None:
         return len(drops)
-    device = next(iter([*model.parameters(), drops[0].seed])).device  # the model's: new modules start on the CPU
-    seeds = torch.zeros(len(drops), dtype=torch.int64, device=device)
+    params = list(model.parameters())  # the seeds go where the model is; new modules start on the CPU
+    seeds = torch.zeros(len(drops), dtype=torch.int64, device=params[0].device if params else "cpu")
     for i, drop in enumerate(drops):
         drop.seed = seeds[i]
 
