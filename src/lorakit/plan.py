@@ -304,11 +304,10 @@ def _layer_backward(arch: Arch, step: Step) -> float:
 
 
 def activation_budget(arch: Arch, step: Step) -> float:
-    """The partitioner's activation budget train compiles the layers with: fast.ACTIVATION_BUDGET for
-    models over fast.LARGE_MODEL parameters as `model.num_parameters()` counts them (transformers
-    counts NF4 weights whole; the LoRA weights are included), 1.0 below (fast.speedups)."""
-    params = arch.params + arch.lora_params(step.r, step.targets)
-    return fast.ACTIVATION_BUDGET if params > fast.LARGE_MODEL else 1.0
+    """The partitioner's activation budget train compiles the layers with (fast.activation_budget), for
+    the parameters `model.num_parameters()` counts (transformers counts NF4 weights whole; the LoRA
+    weights are included)."""
+    return fast.activation_budget(arch.params + arch.lora_params(step.r, step.targets))
 
 
 def _compiled_layer_activations(arch: Arch, step: Step) -> tuple[float, float]:

@@ -62,12 +62,17 @@ def speedups(model, device: torch.device, cudagraphs: bool = False, fp8: bool = 
     cheap_dropout(model, SeededDropout)
     reseed(model)
     mode = "reduce-overhead" if cudagraphs else None
-    budget = ACTIVATION_BUDGET if model.num_parameters() > LARGE_MODEL else 1.0
+    budget = activation_budget(model.num_parameters())
     if checkpointing(model):
         compile_blocks(model, mode, budget)
     else:
         compile_layers(model, mode, budget)
     return model
+
+
+def activation_budget(params: float) -> float:
+    """The budget `speedups` compiles a model of `params` parameters with (lorakit.plan predicts with it)."""
+    return ACTIVATION_BUDGET if params > LARGE_MODEL else 1.0
 
 
 def new_graph_step() -> None:
