@@ -184,11 +184,12 @@ class SeededDropout(BytesDropout):
     def __init__(self, p: float):
         super().__init__(p)
         self.register_buffer("seed", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.salt = 0  # set by `reseed`: its place among the decoder layer's dropouts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.cutoff == 0:
             return x
-        return _SeededKeep.apply(x, self.seed, self.cutoff, self.scale)
+        return _SeededKeep.apply(x, self.seed, self.cutoff, self.scale, self.salt)
 
 
 def reseed(model) -> int:
@@ -202,6 +203,10 @@ def reseed(model) -> int:
     seeds = torch.zeros(len(drops), dtype=torch.int64, device=params[0].device if params else "cpu")
     for i, drop in enumerate(drops):
         drop.seed = seeds[i]
+    for layer in decoder_layers(model) if hasattr(decoder(model), "layers") else []:
+        salted = [m for m in layer.modules() if isinstance(m, SeededDropout)]
+        for salt, drop in enumerate(salted):  # the same in every layer: the layers share one compiled graph
+            drop.salt = salt
 
     def refill(module, args) -> None:
         seeds.random_(0, 2**62)
@@ -218,34 +223,43 @@ def _signed(c: int) -> int:
 _WEYL, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
 
 
-def seeded_keep(seed: torch.Tensor, shape, cutoff: int) -> torch.Tensor:
-    """The bool keep mask of SeededDropout: splitmix64's mix of (seed + index) * golden ratio (int64
-    arithmetic wraps; >> is arithmetic on int64, so each shift is masked to the logical one); an element
-    is kept when the low 16 bits are >= cutoff. The seed is added before the multiplication: index times
-    a constant alone is an index expression to inductor, whose bound overflows int64 at compile time."""
+def seeded_keep(seed: torch.Tensor, shape, cutoff: int, salt: int = 0) -> torch.Tensor:
+    """The bool keep mask of SeededDropout: splitmix64's mix of (seed + salt + index) * golden ratio
+    (int64 arithmetic wraps; >> is arithmetic on int64, so each shift is masked to the logical one); an
+    element is kept when the low 16 bits are >= cutoff.
+
+    Written so that AOTAutograd's partitioner recomputes the mask in the backward from the seed instead
+    of keeping it (1 byte per element of every LoRA input; tests/unit/test_fast.py counts what is saved):
+    - the seed is added before the multiplication: index times a constant alone is an index expression
+      to inductor, whose bound overflows int64 at compile time;
+    - the low 16 bits are narrowed to int32 before the comparison: an op whose output is under a
+      quarter of its input's bytes counts as a reduction, which the partitioner never recomputes;
+    - the index range starts at `salt`, a different one for each dropout of a layer: one index tensor
+      shared by the layer's dropouts would be used "far apart", which also bans recomputing."""
     n = 1
     for size in shape:
         n *= size
-    h = (torch.arange(n, dtype=torch.int64, device=seed.device).view(shape) + seed) * _WEYL
+    h = (torch.arange(salt, salt + n, dtype=torch.int64, device=seed.device).view(shape) + seed) * _WEYL
     h = (h ^ ((h >> 30) & (2**34 - 1))) * _MIX1
     h = (h ^ ((h >> 27) & (2**37 - 1))) * _MIX2
     h = h ^ ((h >> 31) & (2**33 - 1))
-    return (h & 0xFFFF) >= cutoff
+    return (h & 0xFFFF).to(torch.int32) >= cutoff
 
 
 class _SeededKeep(torch.autograd.Function):
     """x * keep * scale with keep recomputed from the seed in the backward."""
 
     @staticmethod
-    def forward(ctx, x, seed, cutoff, scale):
+    def forward(ctx, x, seed, cutoff, scale, salt):
         ctx.save_for_backward(seed)
-        ctx.cutoff, ctx.scale = cutoff, scale
-        return torch.where(seeded_keep(seed, x.shape, cutoff), x * scale, 0)
+        ctx.cutoff, ctx.scale, ctx.salt = cutoff, scale, salt
+        return torch.where(seeded_keep(seed, x.shape, cutoff, salt), x * scale, 0)
 
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        return torch.where(seeded_keep(seed, grad.shape, ctx.cutoff), grad * ctx.scale, 0), None, None, None
+        keep = seeded_keep(seed, grad.shape, ctx.cutoff, ctx.salt)
+        return torch.where(keep, grad * ctx.scale, 0), None, None, None, None
 
 
 def cheap_dropout(model, kind: type = BytesDropout) -> int:
