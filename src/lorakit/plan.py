@@ -320,7 +320,8 @@ def _compiled_layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     q, k, v (k and v once per kv head, even when a mask makes transformers repeat them: the copies are
     recomputed) and, with q/k norms, q and k before them; SDPA's output and logsumexp; the gate and up
     projections (matmul outputs are not recomputed; for qlora they are bitsandbytes' custom ops);
-    each RMSNorm's 1/rms; lora_A's outputs; and each LoRA layer's dropout mask, as bool.
+    each RMSNorm's 1/rms; and lora_A's outputs. No dropout masks: fast.SeededDropout's are recomputed
+    from their seeds in the backward.
     At budget 1.0 it also keeps what is cheap to recompute: the inputs LoRA's A matrices read (the normed
     inputs, SwiGLU's product, three of the dropped inputs), SDPA's float mask, autocast's 16-bit copies
     of the LoRA weights, and for lora o_proj's input a second time (PEFT's fp32 cast and autocast's
@@ -335,7 +336,7 @@ def _compiled_layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     per_token = a * (2 * d + 2 * q + 2 * kv + 2 * i) + 4 * h + 4 * arch.norms
     if arch.qk_norm:
         per_token += a * (q + kv) + 4 * (h + arch.kv_heads)
-    per_token += sum(a * step.r + (l.n_in if drop else 0) for l in targeted)
+    per_token += a * step.r * len(targeted)
     per_layer = 0
     if activation_budget(arch, step) >= 1.0:
         per_token += a * d * (("attn_in" in groups) + ("mlp_in" in groups)) + a * i * ("mlp_out" in groups)

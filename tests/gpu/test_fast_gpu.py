@@ -81,11 +81,14 @@ def test_fast_path_matches_plain_reference(tmp_path, arch, method, checkpointing
     assert list(model.state_dict()) == names  # checkpoints and adapter files keep their keys
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_fast_path_with_dropout_matches_eager_with_the_same_masks(tmp_path, checkpointing):
+@pytest.mark.parametrize("form", ["layers", "blocks", "cudagraphs"])
+def test_fast_path_with_dropout_matches_eager_with_the_same_masks(tmp_path, form):
     """LoRA dropout on: speedups swaps in SeededDropout, whose masks depend on the seeds only, so the
-    compiled layers (at an activation budget below 1, where torch's dropout may be recomputed with
-    other random numbers) are compared with the eager model drawing the same masks."""
+    compiled layers (which recompute the masks in the backward; torch's dropout, recomputed under an
+    activation budget below 1, would draw other random numbers) are compared with the eager model
+    drawing the same masks. Whole layers, layer children under checkpointing, and CUDA graphs (the
+    seeds are refilled in place between replays)."""
+    checkpointing = form == "blocks"
     model = _lora_model(tmp_path, "llama", "qlora", checkpointing, dropout=0.1)
     n = 7 * TINY["llama"]["num_hidden_layers"]
     assert fast.cheap_dropout(model, fast.SeededDropout) == n and fast.reseed(model) == n
@@ -96,21 +99,22 @@ def test_fast_path_with_dropout_matches_eager_with_the_same_masks(tmp_path, chec
     torch.manual_seed(6)
     other_loss, _ = _loss_and_grads(model, reference_loss_sum, batch)
     assert other_loss != ref_loss  # other seeds, other masks
-    budget = fast.ACTIVATION_BUDGET
-    fast.ACTIVATION_BUDGET = 0.5
-    try:
-        fast.compile_blocks(model) if checkpointing else fast.compile_layers(model)
-        assert fast.reseed(model) == n  # as speedups calls it again: no second hook
-        for _ in range(2):
-            torch.manual_seed(5)
-            fast_loss, fast_grads = _loss_and_grads(model, loss_sum, batch)
-            torch.testing.assert_close(fast_loss, ref_loss, rtol=2e-3, atol=0)
-            for got, want in zip(fast_grads, ref_grads):
-                assert ((got - want).norm() / want.norm()).item() < 3e-2
-        torch.manual_seed(6)
-        assert _loss_and_grads(model, loss_sum, batch)[0] != fast_loss  # train's loss draws new seeds too
-    finally:
-        fast.ACTIVATION_BUDGET = budget
+    mode = "reduce-overhead" if form == "cudagraphs" else None
+    if checkpointing:
+        fast.compile_blocks(model, mode, budget=0.5)
+    else:
+        fast.compile_layers(model, mode, budget=0.5)
+    assert fast.reseed(model) == n  # as speedups calls it again: no second hook
+    for _ in range(3):  # CUDA graphs: recorded, then replayed
+        fast.new_graph_step()
+        torch.manual_seed(5)
+        fast_loss, fast_grads = _loss_and_grads(model, loss_sum, batch)
+        torch.testing.assert_close(fast_loss, ref_loss, rtol=2e-3, atol=0)
+        for got, want in zip(fast_grads, ref_grads):
+            assert ((got - want).norm() / want.norm()).item() < 3e-2
+    fast.new_graph_step()
+    torch.manual_seed(6)
+    assert _loss_and_grads(model, loss_sum, batch)[0] != fast_loss  # train's loss draws new seeds too
 
 
 def test_compiled_cross_entropy_step_matches_reference():

@@ -150,8 +150,9 @@ def test_activation_budget_is_fast_speedups_rule(monkeypatch):
 
 @pytest.mark.parametrize("budget", [0.8])  # 1.0 (models under 1e9 parameters): the H200 peaks above
 def test_compiled_layer_keeps_what_the_planner_counts(monkeypatch, tmp_path, budget):
-    """One compiled LoRA + NF4 Llama layer on the CPU (fast.compile_layers, PEFT's own dropout as on
-    CUDA): the tensors its forward saves for the backward, against _compiled_layer_activations."""
+    """One compiled LoRA + NF4 Llama layer on the CPU (fast.compile_layers, with SeededDropout as
+    fast.speedups swaps in on CUDA): the tensors its forward saves for the backward, against
+    _compiled_layer_activations."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -167,6 +168,7 @@ def test_compiled_layer_keeps_what_the_planner_counts(monkeypatch, tmp_path, bud
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    assert fast.cheap_dropout(model, fast.SeededDropout) == fast.reseed(model) == 7
     arch = plan.arch_from_config(config)
     rows, seq = 2, 80
     step = _step(method="qlora", rows=rows, seq=seq, trained=rows * seq, r=8, dropout=0.05, compiled=True)
@@ -177,7 +179,7 @@ def test_compiled_layer_keeps_what_the_planner_counts(monkeypatch, tmp_path, bud
     x = torch.randn(rows, seq, arch.hidden, dtype=torch.bfloat16, requires_grad=True)
     position = torch.arange(seq)[None].expand(rows, -1)
     rotary = base.rotary_emb(x, position)
-    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary]}
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *rotary]}
     torch._dynamo.reset()  # layers share their code: a graph compiled at another budget would be reused
     with torch._functorch.config.patch(activation_memory_budget=1.0):  # compile_layers sets the global
         fast.compile_layers(model, budget=plan.activation_budget(arch, step))
@@ -298,7 +300,7 @@ def test_resolve_auto_picks_qlora_when_lora_does_not_fit(llama8b_dir):
     cfg.method = "auto"
     method, batch, reason = plan.resolve_auto(cfg, gpu)
     assert (method, batch) == ("qlora", 8)
-    assert reason.startswith("method qlora: lora fits 4 rows of 2048 tokens, qlora 12 rows")
+    assert reason.startswith("method qlora: lora fits 4 rows of 2048 tokens, qlora 13 rows")
     assert reason.endswith("in 24.0 GiB of test GPU")
     cfg.train.batch_size = "auto"  # lora fits 4 rows, qlora 8 (a power of two): qlora
     assert plan.resolve_auto(cfg, gpu)[:2] == ("qlora", 8)
