@@ -323,7 +323,7 @@ def _compiled_layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     each RMSNorm's 1/rms; and lora_A's outputs. No dropout masks: fast.SeededDropout's are recomputed
     from their seeds in the backward.
     At budget 1.0 it also keeps what is cheap to recompute: the inputs LoRA's A matrices read (the normed
-    inputs, SwiGLU's product, three of the dropped inputs), SDPA's float mask, autocast's 16-bit copies
+    inputs, SwiGLU's product, the dropped hidden-wide inputs), SDPA's float mask, autocast's 16-bit copies
     of the LoRA weights, and for lora o_proj's input a second time (PEFT's fp32 cast and autocast's
     cast back). The CPU listing has that copy for qlora too, since SDPA's CPU output is head-major; on
     the H200 the 8B's peak grew by 139.4 KB per token and layer from micro-batch 2 to 4 for qlora and
@@ -342,8 +342,8 @@ def _compiled_layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
         per_token += a * d * (("attn_in" in groups) + ("mlp_in" in groups)) + a * i * ("mlp_out" in groups)
         if step.masked:
             per_token += a * step.seq
-        if drop:
-            per_token += a * d * min(3, sum(l.n_in == d for l in targeted))
+        if drop:  # the CPU listing keeps three of them; the H200 (Qwen3-0.6B, mb8) all of them
+            per_token += a * d * sum(l.n_in == d for l in targeted)
         if step.method == "lora" and a == 2 and "attn_out" in groups:
             per_token += a * q
         if a == 2:
@@ -487,6 +487,7 @@ class Measured:
     seq: int
     tok_s: float
     source: str
+    compiled: bool = False  # the compiled CUDA step (fast.speedups) rather than the eager one
 
 
 # Architectures of the measured anchors (random-init models of these configs; sizes from
@@ -509,6 +510,7 @@ ARCHS = {
 }
 
 _H200 = "H200 2026-11-29, benchmarks/results/plan_memory_2026-11-29.json"
+_RUNS = "H200 2026-11-29, benchmarks/results/gpu_throughput_2026-11-29_{}.json"
 _DEMO = "2-core AMD EPYC, fp32: the demo's 24 steps x 8 rows in ~2.5 min (examples/support_tickets)"
 MEASURED = [  # tokens/s over optimizer steps 3-6, random tokens, every token trained, dropout 0.05
     Measured("H200", "qwen3-0.6b", "lora", False, 4, 512, 11463, _H200),
@@ -522,6 +524,17 @@ MEASURED = [  # tokens/s over optimizer steps 3-6, random tokens, every token tr
     Measured("H200", "llama-3.1-8b", "qlora", False, 4, 2048, 11427, _H200),
     Measured("H200", "llama-3.1-8b", "qlora", True, 4, 2048, 7996, _H200),
     Measured("cpu", "smollm2-135m", "lora", False, 8, 128, 150, _DEMO),
+    # the compiled step (train.compile on, the default on CUDA): benchmarks/gpu_throughput.py, steps 4-8,
+    # random full rows, 16,384 tokens per optimizer step, dropout 0.05 but where the file says 0
+    Measured("H200", "llama-3.1-8b", "qlora", False, 4, 2048, 15632,
+             _RUNS.format("s6c_hash32_d0.05_llama-qlora-mb4-fast"), True),
+    Measured("H200", "llama-3.1-8b", "qlora", False, 8, 2048, 15836,
+             _RUNS.format("s6d_hash32_d0.05_llama-qlora-mb8-fast"), True),
+    Measured("H200", "llama-3.1-8b", "qlora", True, 8, 2048, 10454,
+             _RUNS.format("s6b_hash64_d0.05_llama-qlora-mb8-ckpt-fast"), True),
+    Measured("H200", "llama-3.1-8b", "lora", False, 8, 2048, 16443, _RUNS.format("s4_lora_a, dropout 0"), True),
+    Measured("H200", "qwen3-0.6b", "qlora", False, 8, 2048, 77977,
+             _RUNS.format("s6d_hash32_d0.05_qwen-qlora-mb8-fast"), True),
 ]
 CPU_CORES_MEASURED = 2
 
@@ -544,7 +557,7 @@ def step_flops(arch: Arch, step: Step) -> float:
 def _anchor_step(m: Measured) -> tuple[Arch, Step]:
     device = "cpu" if m.device == "cpu" else "cuda"
     step = Step(m.method, device, "fp32" if device == "cpu" else "bf16", m.checkpointing, m.rows, m.seq,
-                m.rows * (m.seq - 1), masked=False)
+                m.rows * (m.seq - 1), masked=False, compiled=m.compiled)
     return arch_from_config(ARCHS[m.model]), step
 
 
@@ -559,16 +572,16 @@ def _peak_flops(device: str, cores: int | None = None) -> float:
 def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
     """(tokens/s, how it was obtained) for `step` on `device` (a GPUS key or "cpu").
 
-    The measured anchors give a hardware efficiency (FLOPs done / peak). It changes with model size
-    and tokens per micro-batch and little with checkpointing, whose recompute counts as work; the
-    two nearest anchors (log size, log tokens, same method and checkpointing preferred) are
+    The measured anchors of the same step (compiled or eager) give a hardware efficiency (FLOPs done /
+    peak). It changes with model size and tokens per micro-batch and little with checkpointing, whose
+    recompute counts as work; the two nearest anchors (log size, log tokens, same method and checkpointing preferred) are
     averaged and applied to this step's FLOPs and this device's peak."""
     table = "cpu" if device == "cpu" else "H200"
-    anchors = [m for m in MEASURED if m.device == table]
+    anchors = [m for m in MEASURED if m.device == table and m.compiled == step.compiled]
     method = step.method if table != "cpu" else "lora"  # CPU: qlora has no anchor of its own
     for m in anchors:
         a, s = _anchor_step(m)
-        if device == m.device and a == replace(arch, note="") and s == replace(step, compiled=False):
+        if device == m.device and a == replace(arch, note="") and s == step:
             return m.tok_s, f"measured ({m.source})"
     size = math.log(arch.layers * arch.layer_linear_params)
 
@@ -581,7 +594,7 @@ def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
     weights = [1 / (distance(m) + 1e-3) for m in nearest]
     efficiency = sum(w * _efficiency(m) for w, m in zip(weights, nearest)) / sum(weights)
     tok_s = efficiency * _peak_flops(device) * step.tokens / step_flops(arch, step)
-    how = "extrapolated by FLOPs from " + " and ".join(
+    how = f"extrapolated by FLOPs from {'compiled ' if step.compiled else ''}" + " and ".join(
         f"{m.model} {m.method}{' +gc' if m.checkpointing else ''} {m.rows}x{m.seq}" for m in nearest)
     if device == "cpu":
         how += f" on {CPU_CORES_MEASURED} cores, scaled to {os.cpu_count()}"

@@ -216,34 +216,37 @@ def reseed(model) -> int:
     return len(drops)
 
 
-def _signed(c: int) -> int:
-    return c - 2**64 if c >= 2**63 else c
+def _signed32(c: int) -> int:
+    return c - 2**32 if c >= 2**31 else c
 
 
-_WEYL, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_FOLD, _MIX1, _MIX2 = _signed32(0x9E3779B9), _signed32(0x7FEB352D), _signed32(0x846CA68B)
 
 
 def seeded_keep(seed: torch.Tensor, shape, cutoff: int, salt: int = 0) -> torch.Tensor:
-    """The bool keep mask of SeededDropout: splitmix64's mix of (seed + salt + index) * golden ratio
-    (int64 arithmetic wraps; >> is arithmetic on int64, so each shift is masked to the logical one); an
-    element is kept when the low 16 bits are >= cutoff.
+    """The bool keep mask of SeededDropout: a 32-bit hash (lowbias32: two multiply-xorshift rounds) of
+    the element's index plus the seed, folded to 32 bits; an element is kept when the hash's low 16
+    bits are >= cutoff. 32-bit, not 64-bit, arithmetic: the GPU multiplies int64 in several int32
+    instructions, and the mask is computed in the forward and again in the backward for every LoRA
+    input (a 64-bit hash, splitmix64, cost 5-8% of an 8B QLoRA step: benchmarks/NOTES.md, session 6).
+    int32 arithmetic wraps; >> is arithmetic on signed integers, so each shift is masked to the
+    logical one.
 
     Written so that AOTAutograd's partitioner recomputes the mask in the backward from the seed instead
     of keeping it (1 byte per element of every LoRA input; tests/unit/test_fast.py counts what is saved):
-    - the seed is added before the multiplication: index times a constant alone is an index expression
-      to inductor, whose bound overflows int64 at compile time;
-    - the low 16 bits are narrowed to int32 before the comparison: an op whose output is under a
-      quarter of its input's bytes counts as a reduction, which the partitioner never recomputes;
+    - the low 16 bits are compared as int32: an op whose output is under a quarter of its input's
+      bytes counts as a reduction, which the partitioner never recomputes;
     - the index range starts at `salt`, a different one for each dropout of a layer: one index tensor
       shared by the layer's dropouts would be used "far apart", which also bans recomputing."""
     n = 1
     for size in shape:
         n *= size
-    h = (torch.arange(salt, salt + n, dtype=torch.int64, device=seed.device).view(shape) + seed) * _WEYL
-    h = (h ^ ((h >> 30) & (2**34 - 1))) * _MIX1
-    h = (h ^ ((h >> 27) & (2**37 - 1))) * _MIX2
-    h = h ^ ((h >> 31) & (2**33 - 1))
-    return (h & 0xFFFF).to(torch.int32) >= cutoff
+    x = torch.arange(salt, salt + n, dtype=torch.int64, device=seed.device).view(shape) + seed
+    h = x.to(torch.int32) ^ ((x >> 32).to(torch.int32) * _FOLD)  # rows past 2**32 elements differ too
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _MIX1
+    h = (h ^ ((h >> 15) & 0x1FFFF)) * _MIX2
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return (h & 0xFFFF) >= cutoff
 
 
 class _SeededKeep(torch.autograd.Function):
