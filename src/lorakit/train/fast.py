@@ -13,9 +13,10 @@
   results recomputed in backward instead of kept.
 - `train.fp8`: `speedups` routes the frozen base's matmuls through train/fp8.py before compiling.
 - `SeededDropout` (CUDA, compiled): LoRA dropout whose mask is a hash of a seed drawn before each
-  forward of the decoder, so the compiler may keep or recompute it and gets the forward's mask either
-  way; torch's dropout under an activation budget below 1 may be recomputed with fresh random numbers
-  (pytorch/pytorch#190758). Measured 3.7% faster than torch's dropout on the 8B (benchmarks/NOTES.md).
+  forward of the decoder, so the compiled backward recomputes it from the seed instead of keeping it
+  (8B QLoRA mb4 at dropout 0.05: 32.4 GiB, as at dropout 0, against 42.0 with a kept mask) and gets
+  the forward's mask; torch's dropout under an activation budget below 1 may be recomputed with fresh
+  random numbers (pytorch/pytorch#190758). Dropout 0.05 costs the 8B 1.5% (benchmarks/NOTES.md).
 - `compiled`: one compiled copy of a function (train/loss.py compiles its per-chunk CE step with it).
 - `cheap_dropout` (CPU): LoRA dropout with its mask drawn from random 16-bit integers. torch's CPU
   dropout draws a float per element, 86 ms for one [4096 x 1536] input on the 2-core test machine,
@@ -175,11 +176,12 @@ class _KeepScaled(torch.autograd.Function):
 class SeededDropout(BytesDropout):
     """BytesDropout whose 16-bit draws are a hash of (seed, element index), for the compiled CUDA path
     (`speedups`). The seed is a buffer that `reseed` refills before every forward of the decoder, outside
-    the compiled code, so the mask is a function of the seed and the element's index only: whether the
-    compiler keeps it for the backward or recomputes it there, it is the forward's mask. With torch's dropout inside
-    a compiled layer that is not guaranteed: under an activation budget below 1 the partitioner may
-    recompute the dropout in the backward with fresh random numbers (pytorch/pytorch#190758), and
-    otherwise keeps a bool mask per LoRA layer (for Llama-3.1-8B, 39 KB per token per layer)."""
+    the compiled code, so the mask is a function of the seed and the element's index only: the compiled
+    backward recomputes it (`seeded_keep` is written so the partitioner does) and gets the forward's
+    mask. With torch's dropout inside a compiled layer that is not guaranteed: under an activation
+    budget below 1 the partitioner may recompute the dropout in the backward with fresh random numbers
+    (pytorch/pytorch#190758), and otherwise keeps a bool mask per LoRA layer (for Llama-3.1-8B, 39 KB
+    per token per layer)."""
 
     def __init__(self, p: float):
         super().__init__(p)
