@@ -229,4 +229,5 @@ def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
         from lorakit.train import fast
 
         fast.cheap_dropout(peft_model)  # torch's CPU dropout was a fifth of a training step
+        fast.use_segment_attention(peft_model)  # packed rows: attention example by example
     return peft_model

@@ -215,3 +215,48 @@ def test_compiled_layers_with_seeded_dropout_match_eager(tmp_path):
         assert ((got - want).norm() / want.norm()).item() < 1e-4
     torch.manual_seed(6)
     assert not torch.equal(loss_sum(model, batch).detach(), compiled[0])  # other seeds, other masks
+
+
+def test_segment_attention_matches_the_block_diagonal_mask(tmp_path, monkeypatch):
+    """Packed rows on the CPU: attention example by example gives the loss and gradients of transformers'
+    SDPA under the block-diagonal mask (the reference), and unpacked batches still take SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.data.render import Rendered
+    from lorakit.train.batches import collate
+    from lorakit.train.loss import loss_sum
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    model.train()
+
+    def example(n):
+        ids = torch.randint(3, 300, (n,)).tolist()
+        return Rendered(ids, [-100] * (n // 2) + ids[n // 2:])
+
+    packed = collate([[example(7), example(12), example(5)], [example(20)], [example(9), example(11)]], pad_id=0)
+    assert packed["cu_seqlens"].tolist() == [0, 7, 19, 24, 44, 48, 57, 68, 72]  # examples, and each padding
+
+    def loss_and_grads(batch):
+        value = loss_sum(model, batch)
+        value.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return value.detach(), grads
+
+    reference = loss_and_grads(packed)
+    plain = collate([example(10), example(6)], pad_id=0)
+    plain_reference = loss_and_grads(plain)
+    calls = []
+    attend = fast._attend_segments
+    monkeypatch.setattr(fast, "_attend_segments", lambda *a: calls.append(a[3]) or attend(*a))
+    assert fast.use_segment_attention(model)
+    got = loss_and_grads(packed)
+    assert calls == [[7, 12, 5, 20, 4, 9, 11, 4]] * 2  # both layers: each example and padding alone
+    torch.testing.assert_close(got[0], reference[0], rtol=1e-5, atol=1e-5)
+    for g, want in zip(got[1], reference[1]):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+    got = loss_and_grads(plain)
+    assert len(calls) == 2  # no segments: SDPA with transformers' mask
+    torch.testing.assert_close(got[0], plain_reference[0], rtol=0, atol=0)
