@@ -309,13 +309,14 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention interface: for a packed batch (segment offsets `cu_seq_lens_q`, which
     train's loss passes with position ids; see loss.model_inputs) causal SDPA on each example (and each
     row's padding) alone, which is what the block-diagonal mask computes; anything else goes to
-    transformers' SDPA attention: unpacked batches, dropout, and layers with a sliding window, logit
-    softcapping, sinks or a position bias."""
+    transformers' SDPA attention: unpacked batches, dropout, tensors off the CPU (a model moved after
+    `use_segment_attention`), and layers with a sliding window, logit softcapping, sinks or a position
+    bias."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
     special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
-    if cu is None or dropout or special or not getattr(module, "is_causal", True):
+    if cu is None or dropout or special or query.device.type != "cpu" or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, length, _ = query.shape
