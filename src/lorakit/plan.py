@@ -574,8 +574,8 @@ def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
 
     The measured anchors of the same step (compiled or eager) give a hardware efficiency (FLOPs done /
     peak). It changes with model size and tokens per micro-batch and little with checkpointing, whose
-    recompute counts as work; the two nearest anchors (log size, log tokens, same method and checkpointing preferred) are
-    averaged and applied to this step's FLOPs and this device's peak."""
+    recompute counts as work; the two nearest anchors (log size, log tokens, same method and
+    checkpointing preferred) are averaged and applied to this step's FLOPs and this device's peak."""
     table = "cpu" if device == "cpu" else "H200"
     anchors = [m for m in MEASURED if m.device == table and m.compiled == step.compiled]
     method = step.method if table != "cpu" else "lora"  # CPU: qlora has no anchor of its own

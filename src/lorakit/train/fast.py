@@ -235,7 +235,8 @@ def seeded_keep(seed: torch.Tensor, shape, cutoff: int, salt: int = 0) -> torch.
     the element's index plus the seed, folded to 32 bits; an element is kept when the hash's low 16
     bits are >= cutoff. 32-bit, not 64-bit, arithmetic: the GPU multiplies int64 in several int32
     instructions, and the mask is computed in the forward and again in the backward for every LoRA
-    input (a 64-bit hash, splitmix64, cost 5-8% of an 8B QLoRA step: benchmarks/NOTES.md, session 6).
+    input (dropout 0.05 cost an 8B QLoRA step 2.8% with splitmix64, 1.5% with this hash: benchmarks/NOTES.md,
+    session 6).
     int32 arithmetic wraps; >> is arithmetic on signed integers, so each shift is masked to the
     logical one.
 
