@@ -217,18 +217,18 @@ def test_compiled_layers_with_seeded_dropout_match_eager(tmp_path):
     assert not torch.equal(loss_sum(model, batch).detach(), compiled[0])  # other seeds, other masks
 
 
-def test_segment_attention_matches_the_block_diagonal_mask(tmp_path, monkeypatch):
+def test_segment_attention_matches_the_block_diagonal_mask(tiny_model_dir, monkeypatch):
     """Packed rows on the CPU: attention example by example gives the loss and gradients of transformers'
     SDPA under the block-diagonal mask (the reference), and unpacked batches still take SDPA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lorakit.data.render import Rendered
     from lorakit.train.batches import collate
     from lorakit.train.loss import loss_sum
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # 4 heads, 2 kv heads
+    assert model.config._attn_implementation == "sdpa"
     model.train()
 
     def example(n):
