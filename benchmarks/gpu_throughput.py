@@ -241,34 +241,41 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
     accelerator = Accelerator(mixed_precision="bf16")
     n_trained = rows * (SEQ - 1)
     times, losses, norms = [], [], []
-    with context:
-        for step in range(steps):
-            micros = micro_batches(torch.randint(0, setup.vocab, (rows, SEQ), generator=g), micro)
-            if legacy:
-                for b in micros:
-                    del b["trained_index"]  # loss_sum then finds the positions on the GPU, and waits
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            if path in ("cudagraphs", "cg-fp8"):  # a new step: the last step's graph outputs may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-            if legacy:
-                total = sum(loop._accumulate(accelerator, wrapped, [b], n_trained, step + 1).item() for b in micros)
-            else:
-                total = loop._accumulate(accelerator, wrapped, micros, n_trained, step + 1)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            total, norm = float(total), float(norm)  # the loop's one wait per step
+
+    def one_step(step: int) -> None:
+        micros = micro_batches(torch.randint(0, setup.vocab, (rows, SEQ), generator=g), micro)
+        if legacy:
+            for b in micros:
+                del b["trained_index"]  # loss_sum then finds the positions on the GPU, and waits
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if path in ("cudagraphs", "cg-fp8"):  # a new step: the last step's graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        if legacy:
+            total = sum(loop._accumulate(accelerator, wrapped, [b], n_trained, step + 1).item() for b in micros)
+        else:
+            total = loop._accumulate(accelerator, wrapped, micros, n_trained, step + 1)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        updated = loop.update_before_wait(accelerator, opt, total, norm)
+        total, norm = float(total), float(norm)  # the loop's one wait per step
+        if not updated:
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            losses.append(total)
-            norms.append(norm)
-        if profile_to:
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(total)
+        norms.append(norm)
+
+    with context:
+        for step in range(steps):
+            one_step(step)
+        if profile_to:  # one more step, not timed
             try:
-                _profile(model, loss_fn, setup.vocab, micro, profile_to)
+                _profile(lambda: one_step(steps), times, profile_to)
             except Exception as e:  # a profiler that cannot start must not cost the arm its numbers
                 with open(profile_to, "w") as f:
                     f.write(f"profiling failed: {type(e).__name__}: {e}\n")
+            del times[steps:], losses[steps:], norms[steps:]
     warm = min(3, steps - 1)
     tok_s = TOKENS_PER_STEP * (steps - warm) / sum(times[warm:])
     result = dict(arm=name, arch=arch, method=method, path=path, micro_batch=micro, grad_accum=accum,
@@ -286,18 +293,52 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
     return result
 
 
-def _profile(model, loss_fn, vocab: int, micro: int, out: str) -> None:
-    """One micro-batch forward + backward under the profiler: the kernels that take the time."""
-    ids = torch.randint(0, vocab, (micro, SEQ), device="cuda")
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            value = loss_fn(model, batch)
-        value.backward()
-        torch.cuda.synchronize()
-    model.zero_grad(set_to_none=True)
+KERNEL_KINDS = [  # (kind, substrings of kernel names), first match wins
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "scaled_mm")),
+    ("nf4 dequant", ("dequantize", "kdequant")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton", ("triton_",)),
+]
+
+
+def _profile(step, times: list, out: str) -> None:
+    """One whole training step under the profiler (CUDA graphs replay included): wall time, the time
+    the GPU was busy (union of kernel intervals), kernel time by kind, and the top kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy, end, gaps, before = 0.0, -math.inf, [], None
+    for e in kernels:
+        a, b = e.time_range.start, e.time_range.end
+        if before is not None and a > end:
+            gaps.append((a - end, end - kernels[0].time_range.start, before.name, e.name))
+        if b > end:
+            busy += b - max(a, end)
+            end, before = b, e
+    by_kind = {}
+    for e in kernels:
+        name = e.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us()
+    total = sum(by_kind.values())
+    timed = sorted(times[:-1])[len(times[:-1]) // 2] if len(times) > 1 else float("nan")
+    lines = [f"profiled step wall {times[-1] * 1e3:.1f} ms (timed steps' median {timed * 1e3:.1f} ms); "
+             f"GPU busy {busy / 1e3:.1f} ms; kernel time {total / 1e3:.1f} ms in {len(kernels)} kernels"]
+    lines += [f"  {k:12} {v / 1e3:8.1f} ms  {v / max(total, 1e-9):6.1%}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    for low, high in ((0, 20), (20, 100), (100, 1000), (1000, math.inf)):
+        sized = [g[0] for g in gaps if low <= g[0] < high]
+        lines.append(f"  GPU idle in gaps of {low}-{high} us: {len(sized)} gaps, {sum(sized) / 1e3:.1f} ms")
+    lines.append("largest gaps (us, at ms into the step, kernel before -> kernel after):")
+    lines += [f"  {g:8.0f} {at / 1e3:8.2f}  {a[:70]} -> {b[:70]}" for g, at, a, b in sorted(gaps, reverse=True)[:30]]
     with open(out, "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+        f.write("\n".join(lines) + "\n\n")
+        f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=160))
+        f.write("\n\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=100))
+    prof.export_chrome_trace(out.removesuffix(".txt") + ".trace.json")
 
 
 def _params(model) -> int:
@@ -364,7 +405,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=[*TRL_ARMS, *ARMS], choices=[*TRL_ARMS, *ARMS], metavar="ARM")
     parser.add_argument("--out", default=f"benchmarks/results/gpu_throughput_{datetime.date.today()}.json")
-    parser.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to tabulate (one micro-batch)")
+    parser.add_argument("--profile", nargs="*", default=[], help="arms to profile: one more (untimed) step, kernel time by kind and the top kernels")
     parser.add_argument("--profile-dir", default="benchmarks/results")
     parser.add_argument("--budget-s", type=float, default=math.inf)
     parser.add_argument("--dropout", type=float, default=0.0,
@@ -386,7 +427,7 @@ def main() -> None:
                 seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
                 lora=f"r=16 alpha=32 dropout={args.dropout} all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
                 data="random full rows, the same for every arm", timing="steps 4..N, each from a synchronised start to a synchronised end",
-                step="train.loop._accumulate + adamw + clip_grad_norm_, one host wait per step (-s2: per micro-batch)")
+                step="train.loop._accumulate + clip_grad_norm_ + fused AdamW queued before the one host wait per step (loop.update_before_wait; -s2: a wait per micro-batch, AdamW after it)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     results, started = [], time.time()
     for name in [n for n in args.only if n in TRL_ARMS]:

@@ -1,6 +1,8 @@
 """The loop's parts on a tiny random model: loss fast path, step schedule, checkpoints, lr schedule."""
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,8 +11,8 @@ from lorakit.config import load_config
 from lorakit.data.render import Rendered
 from lorakit.train import checkpoint
 from lorakit.train.batches import IGNORE, Schedule, collate, trained_tokens
-from lorakit.train.loop import _lr_lambda
-from lorakit.train.loss import loss_sum, reference_loss_sum
+from lorakit.train.loop import _lr_lambda, update_before_wait
+from lorakit.train.loss import loss_sum, model_inputs, reference_loss_sum
 
 
 @pytest.fixture
@@ -44,6 +46,41 @@ def test_fast_loss_matches_full_logits_reference(lora_model):
     ref_grads = [p.grad for p in lora_model.parameters() if p.requires_grad]
     assert torch.allclose(fast, ref, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(fast_grads, ref_grads))
+
+
+def test_padded_batches_need_no_attention_mask(lora_model):
+    """loss_sum calls the model without the padding mask (right padding: no real token sees a pad);
+    the loss and gradients are those of the model given the mask."""
+    batch = _batch(pad_id=2)
+    assert "attention_mask" not in model_inputs(batch)
+    loss_sum(lora_model, batch).backward()
+    grads = [p.grad.clone() for p in lora_model.parameters() if p.requires_grad]
+    lora_model.zero_grad()
+    logits = lora_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    masked = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                               ignore_index=IGNORE, reduction="sum")
+    masked.backward()
+    assert torch.allclose(loss_sum(lora_model, batch), masked, rtol=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4)
+               for a, p in zip(grads, [p for p in lora_model.parameters() if p.requires_grad]))
+
+
+def test_update_before_wait_skips_a_non_finite_step_on_the_device():
+    """The loop queues fused AdamW before reading the loss; a non-finite loss or norm changes nothing."""
+    accelerator = SimpleNamespace(num_processes=1, scaler=None)
+    weights = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([weights], lr=0.1, fused=True)
+    for loss, norm, moved in ((1.0, math.nan, False), (math.inf, 1.0, False), (1.0, 1.0, True), (math.nan, 1.0, False)):
+        weights.grad = torch.full((3,), 0.5)
+        before = weights.detach().clone()
+        assert update_before_wait(accelerator, opt, torch.tensor(loss), torch.tensor(norm))
+        assert weights.grad is None and not hasattr(opt, "found_inf")
+        assert (not torch.equal(weights.detach(), before)) == moved
+    assert float(opt.state[weights]["step"]) == 1  # skipped steps are not counted
+    plain = torch.optim.AdamW([weights], lr=0.1)  # not fused: the loop steps after its wait, as before
+    assert not update_before_wait(accelerator, plain, torch.tensor(1.0), torch.tensor(1.0))
+    assert not update_before_wait(SimpleNamespace(num_processes=2, scaler=None), opt, torch.tensor(1.0),
+                                  torch.tensor(1.0))
 
 
 def test_collate_pads_right_and_masks_padding():

@@ -122,14 +122,16 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
                 fast.new_graph_step()
             step_loss = _accumulate(accelerator, wrapped, micro, n_trained, step + 1)
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf)
+            updated = update_before_wait(accelerator, optimizer, step_loss, grad_norm)
             # collate the next step while the GPU works: the line after waits for the GPU
             upcoming = micro_batches(step + 1) if step + 1 < total else None
             step_loss, stopping = _all_processes(accelerator, step_loss, stop.requested)  # the same on every one
             grad_norm = float(grad_norm)  # of the whole model already, under DDP and FSDP alike
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not updated:
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
@@ -299,7 +301,8 @@ def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int
     each loss is scaled by their number to make the update that of the whole step. Gradients are
     exchanged once, after the last micro-batch."""
     world, step_loss = accelerator.num_processes, 0.0
-    model.train()
+    if not model.training:  # evaluate_loss switches back; train() walks every module (~7 ms for Qwen3-0.6B)
+        model.train()
     for k, batch in enumerate(micro):
         faults.at(f"step-{step}:micro-{k}")
         batch = to_device(batch, accelerator.device)
@@ -312,6 +315,26 @@ def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int
             accelerator.backward(loss)
         step_loss = step_loss + loss.detach() / world  # no .item(): the host runs ahead of the GPU
     return step_loss
+
+
+def update_before_wait(accelerator, optimizer, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Queue the optimizer step before the host waits for the step's loss and gradient norm, with a
+    non-finite one skipped on the device (fused AdamW's `found_inf`: neither the weights, the moments
+    nor the step count change); returns whether it did, and then the gradients are cleared too.
+    Stepping after the wait instead leaves the GPU idle while the host launches the update: 1.9 ms of
+    a 160 ms Qwen3-0.6B step on an H200 (benchmarks/NOTES.md, session 7). Only for a fused optimizer
+    in one process without a gradient scaler: several processes decide on the summed loss, and fp16's
+    scaler sets found_inf itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the torch optimizer
+    if accelerator.num_processes > 1 or accelerator.scaler is not None or not inner.defaults.get("fused"):
+        return False
+    inner.found_inf = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def _all_processes(accelerator, *values) -> list:

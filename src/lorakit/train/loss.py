@@ -12,6 +12,11 @@ from lorakit.train.batches import IGNORE, trained_index
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """What the model is called with.
 
+    A padded batch gives no attention mask: its rows are right-padded (batches.collate), so under
+    causal attention no real token attends to a pad, and the pads' own outputs are never trained
+    (tests/unit/test_train_parts.py compares with the mask). With a mask, transformers asks the GPU
+    whether it is all ones before every forward, so the host waits and the GPU runs dry; without one,
+    attention also takes the causal kernels.
     A packed batch gives position ids and no attention mask, so transformers builds a block-diagonal
     causal mask (eager, sdpa, flex); flash-attention gets the segment offsets (cu_seq_lens) so its
     varlen kernel keeps examples apart with several rows too. use_cache=False matters: with a cache
@@ -19,7 +24,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     every token attends to the whole row.
     """
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        return {"input_ids": batch["input_ids"], "use_cache": False}
     cu = batch["cu_seqlens"]
     longest = batch["max_seqlen"] if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
