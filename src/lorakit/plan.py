@@ -361,13 +361,13 @@ def _compiled_layer_backward(arch: Arch, step: Step) -> float:
 
 
 LOSS_CHUNK = 4096  # tokens per chunk of lorakit.train.loss.chunked_cross_entropy_sum (CUDA)
-CPU_CHUNK_BYTES = 24 << 20  # fp32 logits per chunk of that loss on CPU
+CPU_CHUNK_BYTES = 48 << 20  # the fp32 logits buffer of that loss on CPU
 
 
 def cpu_chunk_tokens(vocab: int) -> int:
     """Tokens per chunk of the loss on CPU (lorakit.train.loss uses this too): CPU_CHUNK_BYTES of fp32
-    logits, 128 tokens at a 49k vocabulary. Smaller blocks come back from glibc's heap, reused from one
-    chunk to the next; larger ones are mapped fresh for each."""
+    logits, 256 tokens at a 49k vocabulary, in one buffer that every chunk reuses. Measured on the
+    2-core test machine: 256 and 512 tokens ran alike, 128 ~2% slower (benchmarks/NOTES.md, session 7)."""
     return max(16, CPU_CHUNK_BYTES // (4 * vocab))
 
 
@@ -379,8 +379,9 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
     tokens, in units of vocab x c: the 16-bit logits (2) and their fp32 copy (4), then logsumexp's
     temporary (4) or the softmax gradient (4), then its 16-bit copy (2); from the second chunk on the
     previous chunk's fp32 logits and gradient (4 + 4) are still bound while the next is computed.
-    On CPU chunks hold CPU_CHUNK_BYTES of fp32 logits, and the gradient overwrites them: the logits
-    (4) and logsumexp's temporary (4), plus the previous chunk's gradient (4) from the second on.
+    On CPU one fp32 buffer of CPU_CHUNK_BYTES (at most) holds every chunk's logits and then their
+    gradient (4); 16-bit hidden states add the 16-bit logits before they are copied in, or the
+    gradient's 16-bit copy (2).
     The compiled step (`Step.compiled`) runs the fused chunk step (loss.fused_chunk_loss_and_grad): the
     16-bit logits and their 16-bit gradient (2 + 2), plus the previous chunk's gradient from the second
     chunk on; that matches the H200 peaks of compiled layers (docs/plan.md). The eager model keeps the
@@ -396,8 +397,8 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
     later = min(chunk, trained - first)
     if step.compiled:
         return V * a * max(2 * first, first + 2 * later) + 2 * a * arch.hidden * trained
-    if step.device == "cpu":  # the gradient is written over the fp32 logits (inplace_chunk_loss_and_grad)
-        units = max(10 * first, 4 * first + 10 * later) if a == 2 else max(8 * first, 4 * first + 8 * later)
+    if step.device == "cpu":  # one fp32 buffer, the gradient written over the logits (loss._cpu_chunks)
+        units = 6 * first if a == 2 else 4 * first
     elif a == 2:
         units = max(10 * first, 8 * first + 6 * later if later else 0, 4 * first + 8 * later)
     else:

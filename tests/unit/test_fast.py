@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from lorakit import models
 from lorakit.train import fast
-from lorakit.train.loss import (chunk_loss_and_grad, chunked_cross_entropy_sum, fused_chunk_loss_and_grad,
-                                inplace_chunk_loss_and_grad)
+from lorakit.train.loss import (chunk_loss_and_grad, chunked_cross_entropy_sum, columns_loss_and_grad,
+                                fused_chunk_loss_and_grad)
 
 
 def _tiny_lora():
@@ -57,18 +57,22 @@ def test_cpu_cross_entropy_never_compiles(monkeypatch):
     torch.testing.assert_close(got, F.cross_entropy(head(hidden), target, reduction="sum"))
 
 
-def test_cpu_chunk_step_writes_the_reference_gradient_over_the_logits():
-    logits = torch.randn(37, 301) * 3
+def test_cpu_chunk_step_writes_the_reference_gradient_over_transposed_logits():
+    logits = torch.randn(37, 301) * 3 + 40  # large logits: the max must be taken out before exp
     target = torch.randint(0, 301, (37,))
-    want_loss, want_grad = chunk_loss_and_grad(logits.clone(), target)
-    got_loss, got_grad = inplace_chunk_loss_and_grad(logits, target)
-    assert got_grad.data_ptr() == logits.data_ptr()  # no second buffer
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    want_loss, want_grad = chunk_loss_and_grad(logits, target)
+    buffer = torch.zeros(301, 50)  # [vocab, tokens], wider than the chunk, as _cpu_chunks reuses it
+    columns = buffer[:, :37]
+    columns.copy_(logits.t())
+    got_loss = columns_loss_and_grad(columns, target)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(columns.t(), want_grad, rtol=1e-5, atol=1e-7)  # written over the logits
+    assert (buffer[:, 37:] == 0).all()
 
 
 def test_cpu_cross_entropy_over_a_real_vocabulary_in_small_chunks():
-    """49,152 entries (SmolLM2): chunks of 128 tokens; loss and gradient as the full computation."""
+    """49,152 entries (SmolLM2): chunks of 256 tokens and a short last one; loss and gradient as the
+    full computation."""
     torch.manual_seed(0)
     hidden = torch.randn(300, 16, requires_grad=True)
     head = torch.nn.Linear(16, 49152, bias=False).requires_grad_(False)
@@ -114,6 +118,51 @@ def test_bytes_dropout_is_seeded_and_off_in_eval():
     torch.manual_seed(1)
     assert torch.equal(a, drop(x)) and not torch.equal(a, drop(x))
     assert drop.eval()(x) is x and fast.BytesDropout(0.0)(x) is x
+
+
+def test_large_cpu_draws_split_between_two_generators_stay_seeded():
+    count = fast.SPLIT_WORDS + 3
+    torch.manual_seed(5)
+    a = fast.random_words(count, torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(a, fast.random_words(count, torch.device("cpu")))
+    half = count // 2
+    assert not torch.equal(a[:half], a[half:2 * half])  # two generators, two streams
+    draws = a.view(torch.int16).float()
+    assert abs(draws.mean().item()) < 100 and draws.min() == -32768 and draws.max() == 32767  # all 16 bits used
+
+
+def test_cpu_lora_layers_drop_then_scale_a_s_output_as_dropout_would(tiny_model_dir):
+    """On CPU the dropout leaves kept inputs unscaled and LoRA A's output is scaled: each layer's
+    output and gradients are those of PEFT's lora_B(lora_A(x * keep / (1 - p))) with the same mask."""
+    from lorakit.config import Config
+
+    cfg = Config(model=tiny_model_dir)
+    base = models.load_base(cfg, tiny_model_dir, models.resolve_precision("fp32", torch.device("cpu")),
+                            torch.device("cpu"))
+    model = models.attach_lora(base, cfg, gradient_checkpointing=False)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    layer = model.get_base_model().model.layers[0].mlp.down_proj
+    drop, scale = layer.lora_dropout["default"], layer.lora_dropout["default"].scale
+    dropped = []
+    handle = drop.register_forward_hook(lambda m, args, out: dropped.append(out))
+    model.train()
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    handle.remove()
+    keep = dropped[0] != 0
+    assert 0 < keep.float().mean() < 1 and torch.equal(dropped[0][keep], x[keep])  # unscaled
+    grads = torch.autograd.grad(out.square().sum(), [x, layer.lora_A["default"].weight])
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    lora_a = torch.nn.functional.linear(torch.where(keep, x * scale, 0), a.weight)  # a() itself would scale
+    want = layer.base_layer(x) + b(lora_a) * layer.scaling["default"]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, torch.autograd.grad(want.square().sum(), [x, a.weight])):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    model.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + b(a(x)) * layer.scaling["default"])
 
 
 def test_cpu_training_gets_bytes_dropout(tiny_model_dir):

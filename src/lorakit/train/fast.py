@@ -25,14 +25,16 @@
 - `cheap_dropout` (CPU): LoRA dropout with its mask drawn from random 16-bit integers. torch's CPU
   dropout draws a float per element, 86 ms for one [4096 x 1536] input on the 2-core test machine,
   and PEFT drops each LoRA layer's input apart (7 per decoder layer): 26 of 140 s of a profiled
-  3-step run. Random int64 words cut into four 16-bit draws cost 14 ms, and the mask kept for the
-  backward is bool, not float. `nn.Dropout` stays the reference (tests/unit/test_fast.py).
+  3-step run. Random int64 words cut into four 16-bit draws cost 14 ms (drawn on two threads, about
+  half that), the mask kept for the backward is bool, not float, and the dropout's scale is applied
+  to LoRA A's r outputs instead of its input. `nn.Dropout` stays the reference (tests/unit/test_fast.py).
 
 The module tree, state dict and adapter files stay those of the eager model. tests/gpu/test_fast_gpu.py
 compares each compiled path with the eager reference on fresh random inputs; benchmarks/NOTES.md has
 the measurements.
 """
 
+import concurrent.futures
 import functools
 
 import torch
@@ -143,24 +145,49 @@ class BytesDropout(torch.nn.Module):
     """nn.Dropout(p) with the mask drawn from 16-bit random integers: an element is dropped when its
     draw is below round(p * 65536), so the rate is p to within 1/131072, and kept elements are scaled
     by 1 / (1 - that rate). Draws come from torch's default generator, so seeding and resume restore
-    them like any other random op."""
+    them like any other random op. `scaled=False`: kept elements are passed as they are, and the
+    caller scales later (`cheap_dropout`: LoRA A's output)."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, scaled: bool = True):
         super().__init__()
         self.p = p
         self.cutoff = round(p * 65536)  # draws below it are dropped
         self.scale = 1 / (1 - self.cutoff / 65536)
+        self.scaled = scaled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.cutoff == 0:
             return x
         n = x.numel()
-        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        draws = words.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-        return _KeepScaled.apply(x, draws >= self.cutoff - 32768, self.scale)
+        draws = random_words((n + 3) // 4, x.device).view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+        return _KeepScaled.apply(x, draws >= self.cutoff - 32768, self.scale if self.scaled else 1.0)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" + ("" if self.scaled else ", scaled by the caller")
+
+
+SPLIT_WORDS = 1 << 18  # CPU draws of at least this many words are split between two threads
+
+
+def random_words(count: int, device: torch.device) -> torch.Tensor:
+    """`count` random int64 words from torch's default generator. torch draws random numbers on one
+    core (its CPU generator is sequential), so on a CPU with two or more threads a large draw is split
+    in two halves, each drawn by its own generator seeded from the default one, one of them on a
+    helper thread: 4.6 -> 2.7 ms for one [4000 x 576] input's mask on the 2-core test machine."""
+    if device.type != "cpu" or count < SPLIT_WORDS or torch.get_num_threads() < 2:
+        return torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, device=device)
+    words = torch.empty(count, dtype=torch.int64)
+    half = count // 2
+    first, second = (torch.Generator().manual_seed(seed) for seed in torch.randint(2**62, (2,)).tolist())
+    later = _helper().submit(words[half:].random_, -2**63, 2**63 - 1, generator=second)
+    words[:half].random_(-2**63, 2**63 - 1, generator=first)
+    later.result()
+    return words
+
+
+@functools.cache
+def _helper() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-random")
 
 
 class _KeepScaled(torch.autograd.Function):
@@ -170,12 +197,12 @@ class _KeepScaled(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x * scale, 0)
+        return torch.where(keep, x * scale if scale != 1 else x, 0)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad * ctx.scale, 0), None, None
+        return torch.where(keep, grad * ctx.scale if ctx.scale != 1 else grad, 0), None, None
 
 
 class SeededDropout(BytesDropout):
@@ -275,7 +302,11 @@ class _SeededKeep(torch.autograd.Function):
 
 def cheap_dropout(model, kind: type = BytesDropout) -> int:
     """Swap every LoRA layer's nn.Dropout for `kind` (BytesDropout: CPU training; SeededDropout: the
-    compiled CUDA path); returns how many."""
+    compiled CUDA path); returns how many. BytesDropout leaves its kept elements unscaled and a hook
+    on the LoRA A projection scales A's output instead (lora_B(lora_A(x * keep) * scale) is the same
+    update): r numbers per token instead of every input feature, and no scaling pass over the input in
+    the forward or over its gradient in the backward. PEFT computes lora_B(lora_A(dropout(x))); the
+    layers tests/unit/test_fast.py checks give the update and gradients of nn.Dropout's mask."""
     swapped = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
@@ -283,9 +314,18 @@ def cheap_dropout(model, kind: type = BytesDropout) -> int:
             continue
         for name, drop in drops.items():
             if type(drop) is torch.nn.Dropout and drop.p > 0:
-                drops[name] = kind(drop.p)
+                if kind is BytesDropout:
+                    drops[name] = BytesDropout(drop.p, scaled=False)
+                    module.lora_A[name].register_forward_hook(functools.partial(_scale_output, drops[name]))
+                else:
+                    drops[name] = kind(drop.p)
                 swapped += 1
     return swapped
+
+
+def _scale_output(drop: BytesDropout, module, args, output):
+    """A forward hook on LoRA A: the scale its unscaled BytesDropout input skipped."""
+    return output * drop.scale if drop.training and drop.cutoff else None
 
 
 SEGMENT_ATTENTION = "lorakit_segments"  # the attention implementation's name in transformers' registry
