@@ -120,18 +120,6 @@ def test_bytes_dropout_is_seeded_and_off_in_eval():
     assert drop.eval()(x) is x and fast.BytesDropout(0.0)(x) is x
 
 
-def test_large_cpu_draws_split_between_two_generators_stay_seeded():
-    count = fast.SPLIT_WORDS + 3
-    torch.manual_seed(5)
-    a = fast.random_words(count, torch.device("cpu"))
-    torch.manual_seed(5)
-    assert torch.equal(a, fast.random_words(count, torch.device("cpu")))
-    half = count // 2
-    assert not torch.equal(a[:half], a[half:2 * half])  # two generators, two streams
-    draws = a.view(torch.int16).float()
-    assert abs(draws.mean().item()) < 100 and draws.min() == -32768 and draws.max() == 32767  # all 16 bits used
-
-
 def test_cpu_lora_layers_drop_then_scale_a_s_output_as_dropout_would(tiny_model_dir):
     """On CPU the dropout leaves kept inputs unscaled and LoRA A's output is scaled: each layer's
     output and gradients are those of PEFT's lora_B(lora_A(x * keep / (1 - p))) with the same mask."""

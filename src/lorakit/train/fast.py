@@ -25,16 +25,15 @@
 - `cheap_dropout` (CPU): LoRA dropout with its mask drawn from random 16-bit integers. torch's CPU
   dropout draws a float per element, 86 ms for one [4096 x 1536] input on the 2-core test machine,
   and PEFT drops each LoRA layer's input apart (7 per decoder layer): 26 of 140 s of a profiled
-  3-step run. Random int64 words cut into four 16-bit draws cost 14 ms (drawn on two threads, about
-  half that), the mask kept for the backward is bool, not float, and the dropout's scale is applied
-  to LoRA A's r outputs instead of its input. `nn.Dropout` stays the reference (tests/unit/test_fast.py).
+  3-step run. Random int64 words cut into four 16-bit draws cost 14 ms, the mask kept for the
+  backward is bool, not float, and the dropout's scale is applied to LoRA A's r outputs instead of
+  its input (one pass less over the input forward and over its gradient backward). `nn.Dropout` stays the reference (tests/unit/test_fast.py).
 
 The module tree, state dict and adapter files stay those of the eager model. tests/gpu/test_fast_gpu.py
 compares each compiled path with the eager reference on fresh random inputs; benchmarks/NOTES.md has
 the measurements.
 """
 
-import concurrent.futures
 import functools
 
 import torch
@@ -159,35 +158,12 @@ class BytesDropout(torch.nn.Module):
         if not self.training or self.cutoff == 0:
             return x
         n = x.numel()
-        draws = random_words((n + 3) // 4, x.device).view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        draws = words.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
         return _KeepScaled.apply(x, draws >= self.cutoff - 32768, self.scale if self.scaled else 1.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + ("" if self.scaled else ", scaled by the caller")
-
-
-SPLIT_WORDS = 1 << 18  # CPU draws of at least this many words are split between two threads
-
-
-def random_words(count: int, device: torch.device) -> torch.Tensor:
-    """`count` random int64 words from torch's default generator. torch draws random numbers on one
-    core (its CPU generator is sequential), so on a CPU with two or more threads a large draw is split
-    in two halves, each drawn by its own generator seeded from the default one, one of them on a
-    helper thread: 4.6 -> 2.7 ms for one [4000 x 576] input's mask on the 2-core test machine."""
-    if device.type != "cpu" or count < SPLIT_WORDS or torch.get_num_threads() < 2:
-        return torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, device=device)
-    words = torch.empty(count, dtype=torch.int64)
-    half = count // 2
-    first, second = (torch.Generator().manual_seed(seed) for seed in torch.randint(2**62, (2,)).tolist())
-    later = _helper().submit(words[half:].random_, -2**63, 2**63 - 1, generator=second)
-    words[:half].random_(-2**63, 2**63 - 1, generator=first)
-    later.result()
-    return words
-
-
-@functools.cache
-def _helper() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-random")
 
 
 class _KeepScaled(torch.autograd.Function):
