@@ -27,7 +27,8 @@
   and PEFT drops each LoRA layer's input apart (7 per decoder layer): 26 of 140 s of a profiled
   3-step run. Random int64 words cut into four 16-bit draws cost 14 ms, the mask kept for the
   backward is bool, not float, and the dropout's scale is applied to LoRA A's r outputs instead of
-  its input (one pass less over the input forward and over its gradient backward). `nn.Dropout` stays the reference (tests/unit/test_fast.py).
+  its input (one pass less over the input forward and over its gradient backward). `nn.Dropout`
+  stays the reference (tests/unit/test_fast.py).
 
 The module tree, state dict and adapter files stay those of the eager model. tests/gpu/test_fast_gpu.py
 compares each compiled path with the eager reference on fresh random inputs; benchmarks/NOTES.md has

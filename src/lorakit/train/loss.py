@@ -95,8 +95,8 @@ def _cpu_chunks(hidden, weight, target, chunk: int, grad_hidden) -> torch.Tensor
     faulted in again for every chunk: on the 2-core test machine, 1,280 trained tokens of SmolLM2
     went from 2.0 to 1.3 s against 128-token chunks the other way round (benchmarks/NOTES.md, session 7)."""
     w = weight.to(hidden.dtype)
-    logits = torch.empty(weight.shape[0], min(chunk, hidden.shape[0]), dtype=torch.float32)
-    total = torch.zeros((), dtype=torch.float32)
+    logits = torch.empty(weight.shape[0], min(chunk, hidden.shape[0]), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], chunk):
         h, t = hidden[i:i + chunk], target[i:i + chunk]
         part = logits[:, :h.shape[0]]
@@ -124,7 +124,7 @@ def columns_loss_and_grad(logits: torch.Tensor, target: torch.Tensor) -> torch.T
     with the gradient written over them; returns the loss. softmax as exp(logits - max) / sum, reusing
     the sum the loss's logsumexp needs: no second buffer of the chunk's size, and the rounding differs
     from torch.softmax in the last bits (tests/unit/test_fast.py)."""
-    columns = torch.arange(target.shape[0])
+    columns = torch.arange(target.shape[0], device=target.device)
     picked = logits[target, columns]
     top = logits.amax(0)
     grad = logits.sub_(top).exp_()
