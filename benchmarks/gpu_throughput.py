@@ -40,7 +40,10 @@ usage: python benchmarks/gpu_throughput.py [--steps N] [--only NAME ...] [--out 
                                           [--profile NAME ... --profile-dir DIR] [--budget-s S]
 Arms run in --only order, grouped by model (one load each), a model's reference and eager arms first.
 Prints one JSON line per arm and a table, and writes them all to --out (after every arm); arms not
-started within --budget-s seconds are recorded as skipped.
+started within --budget-s seconds are recorded as skipped. --profile ARM runs one more, untimed step
+of that arm under the torch profiler and writes profile_ARM.txt (GPU busy time, idle gaps by size and
+the largest ones, kernel time by kind, top kernels) and profile_ARM.trace.json (a Chrome trace) to
+--profile-dir.
 """
 
 import argparse
