@@ -120,7 +120,7 @@ def test_bytes_dropout_is_seeded_and_off_in_eval():
     assert drop.eval()(x) is x and fast.BytesDropout(0.0)(x) is x
 
 
-def test_cpu_lora_layers_drop_then_scale_a_s_output_as_dropout_would(tiny_model_dir):
+def test_cpu_lora_layers_scale_lora_a_output_as_dropout_would(tiny_model_dir):
     """On CPU the dropout leaves kept inputs unscaled and LoRA A's output is scaled: each layer's
     output and gradients are those of PEFT's lora_B(lora_A(x * keep / (1 - p))) with the same mask."""
     from lorakit.config import Config
