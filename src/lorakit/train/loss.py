@@ -64,20 +64,10 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk):
         grad_hidden = torch.empty_like(hidden)
-        if not hidden.is_cuda:
+        if hidden.is_cuda:
+            total = _cuda_chunks(hidden, weight, target, chunk, grad_hidden)
+        else:
             total = _cpu_chunks(hidden, weight, target, min(chunk, plan.cpu_chunk_tokens(weight.shape[0])), grad_hidden)
-            ctx.save_for_backward(grad_hidden)
-            return total
-        # On CUDA the softmax and its gradient run as one compiled kernel pair over 16-bit logits
-        # (one read for the logsumexp, one read and one 16-bit write for the gradient) instead of
-        # five fp32 passes.
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        loss_and_grad = fast.compiled(fused_chunk_loss_and_grad)
-        for i in range(0, hidden.shape[0], chunk):
-            h, t = hidden[i:i + chunk], target[i:i + chunk]
-            loss, grad_logits = loss_and_grad(h @ weight.to(h.dtype).t(), t)
-            total += loss
-            grad_hidden[i:i + chunk] = (grad_logits.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -85,6 +75,20 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
+def _cuda_chunks(hidden, weight, target, chunk: int, grad_hidden) -> torch.Tensor:
+    """The CUDA loop of `_FrozenHeadCrossEntropy`: the softmax and its gradient run as one compiled
+    kernel pair over 16-bit logits (one read for the logsumexp, one read and one 16-bit write for the
+    gradient) instead of five fp32 passes."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    loss_and_grad = fast.compiled(fused_chunk_loss_and_grad)
+    for i in range(0, hidden.shape[0], chunk):
+        h, t = hidden[i:i + chunk], target[i:i + chunk]
+        loss, grad_logits = loss_and_grad(h @ weight.to(h.dtype).t(), t)
+        total += loss
+        grad_hidden[i:i + chunk] = (grad_logits.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
+    return total
 
 
 def _cpu_chunks(hidden, weight, target, chunk: int, grad_hidden) -> torch.Tensor:
