@@ -63,6 +63,7 @@ from accelerate import Accelerator
 
 from lorakit import models
 from lorakit.config import load_config
+from lorakit.data.render import Rendered
 from lorakit.train import batches, fast, loop, loss
 
 ARCHS = {
@@ -218,10 +219,26 @@ def step_loss_fn(path: str):
     return loss.loss_sum, contextlib.nullcontext()
 
 
-def micro_batches(ids: torch.Tensor, micro: int) -> list[dict]:
-    """One optimizer step's rows (on the CPU) cut into micro-batches as `batches.collate` gives them."""
-    return [{"input_ids": part, "attention_mask": torch.ones_like(part), "labels": part,
-             "trained_index": batches.trained_index(part)} for part in ids.split(micro)]
+PACKED = 0  # --packed: mean example length of packed rows (0: each row one example)
+
+
+def micro_batches(ids: torch.Tensor, micro: int, g: torch.Generator) -> list[dict]:
+    """One optimizer step's rows (on the CPU) cut into micro-batches as `batches.collate` gives them.
+    With PACKED, each row is cut into examples of uniformly drawn lengths (PACKED/2 to 3*PACKED/2, the
+    last one what is left) and collated as packed rows: position ids, segment offsets, every token
+    trained but each example's first; the segment offsets padded as the loop pads them for CUDA graphs."""
+    if not PACKED:
+        return [{"input_ids": part, "attention_mask": torch.ones_like(part), "labels": part,
+                 "trained_index": batches.trained_index(part)} for part in ids.split(micro)]
+    rows = []
+    for row in ids.tolist():
+        examples, at = [], 0
+        while at < len(row):
+            n = min(int(torch.randint(PACKED // 2, PACKED * 3 // 2 + 1, (1,), generator=g)), len(row) - at)
+            examples.append(Rendered(row[at:at + n], row[at:at + n]))
+            at += n
+        rows.append(examples)
+    return [batches.collate(rows[i:i + micro], pad_id=0, width=SEQ) for i in range(0, len(rows), micro)]
 
 
 def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict:
@@ -242,11 +259,11 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
     loss_fn, context = step_loss_fn(path)
     wrapped = loss.TokenLoss(model, loss_fn)
     accelerator = Accelerator(mixed_precision="bf16")
-    n_trained = rows * (SEQ - 1)
     times, losses, norms = [], [], []
 
     def one_step(step: int) -> None:
-        micros = micro_batches(torch.randint(0, setup.vocab, (rows, SEQ), generator=g), micro)
+        micros = micro_batches(torch.randint(0, setup.vocab, (rows, SEQ), generator=g), micro, g)
+        trained = sum(batches.trained_tokens(b["labels"]) for b in micros)
         if legacy:
             for b in micros:
                 del b["trained_index"]  # loss_sum then finds the positions on the GPU, and waits
@@ -255,9 +272,9 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
         if path in ("cudagraphs", "cg-fp8"):  # a new step: the last step's graph outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         if legacy:
-            total = sum(loop._accumulate(accelerator, wrapped, [b], n_trained, step + 1).item() for b in micros)
+            total = sum(loop._accumulate(accelerator, wrapped, [b], trained, step + 1).item() for b in micros)
         else:
-            total = loop._accumulate(accelerator, wrapped, micros, n_trained, step + 1)
+            total = loop._accumulate(accelerator, wrapped, micros, trained, step + 1)
         norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         updated = loop.update_before_wait(accelerator, opt, total, norm)
         total, norm = float(total), float(norm)  # the loop's one wait per step
@@ -415,11 +432,15 @@ def main() -> None:
                         help="LoRA dropout (the seed guide's 0.05; 0 keeps every arm's loss comparable with the reference)")
     parser.add_argument("--activation-budget", type=float, default=fast.ACTIVATION_BUDGET,
                         help="the compiled layers' activation memory budget (fast.ACTIVATION_BUDGET; 1.0 = keep all)")
+    parser.add_argument("--packed", type=int, default=0, metavar="MEAN",
+                        help="pack each row with examples of MEAN tokens on average (0: one example per row)")
     parser.add_argument("--trl-steps", type=int, default=6, help="optimizer steps of each TRL arm")
     parser.add_argument("--tokenizer", default=os.environ.get("TOK", ".tok"),
                         help="folder with tokenizer.json + tokenizer_config.json, for the TRL arms")
     args = parser.parse_args()
     fast.ACTIVATION_BUDGET = args.activation_budget
+    global PACKED
+    PACKED = args.packed
     import bitsandbytes
     import peft
     import transformers
@@ -429,7 +450,7 @@ def main() -> None:
                 python=platform.python_version(), activation_budget_over_1e9_params=args.activation_budget,
                 seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
                 lora=f"r=16 alpha=32 dropout={args.dropout} all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
-                data="random full rows, the same for every arm", timing="steps 4..N, each from a synchronised start to a synchronised end",
+                data="random full rows, the same for every arm" + (f", packed with examples of {args.packed // 2}-{args.packed * 3 // 2} tokens" if args.packed else ""), timing="steps 4..N, each from a synchronised start to a synchronised end",
                 step="train.loop._accumulate + clip_grad_norm_ + fused AdamW queued before the one host wait per step (loop.update_before_wait; -s2: a wait per micro-batch, AdamW after it)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     results, started = [], time.time()

@@ -225,9 +225,9 @@ def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if next(peft_model.parameters()).device.type == "cpu":
-        from lorakit.train import fast
+    from lorakit.train import fast
 
+    if next(peft_model.parameters()).device.type == "cpu":
         fast.cheap_dropout(peft_model)  # torch's CPU dropout was a fifth of a training step
-        fast.use_segment_attention(peft_model)  # packed rows: attention example by example
+    fast.use_segment_attention(peft_model)  # packed rows: attention within each example only
     return peft_model

@@ -117,6 +117,48 @@ def test_fast_path_with_dropout_matches_eager_with_the_same_masks(tmp_path, form
     assert _loss_and_grads(model, loss_sum, batch)[0] != fast_loss  # train's loss draws new seeds too
 
 
+@pytest.mark.parametrize("arch,compiled", [("llama", False), ("llama", True), ("qwen3", True)])
+def test_packed_rows_attend_within_examples_like_the_block_diagonal_mask(tmp_path, monkeypatch, arch, compiled):
+    """Packed rows on CUDA: segment_attention's varlen flash-attention gives the loss and gradients of
+    transformers' SDPA under the block-diagonal mask (the reference), eager and in compiled layers;
+    unpacked batches still take SDPA."""
+    from lorakit.data.render import Rendered
+    from lorakit.train.batches import collate, to_device
+
+    torch.manual_seed(0)
+    model = _lora_model(tmp_path, arch, "qlora", False)
+    base = model.get_base_model()
+    assert base.config._attn_implementation == fast.SEGMENT_ATTENTION  # attach_lora set it
+
+    def example(n):
+        ids = torch.randint(3, TINY[arch]["vocab_size"], (n,)).tolist()
+        return Rendered(ids, [-100] * (n // 3) + ids[n // 3:])
+
+    packed = to_device(collate([[example(70), example(120), example(50)], [example(200)],
+                                [example(90), example(110), example(30)]], pad_id=0, width=256), torch.device("cuda"))
+    base.set_attn_implementation("sdpa")
+    ref_loss, ref_grads = _loss_and_grads(model, loss_sum, packed)
+    base.set_attn_implementation(fast.SEGMENT_ATTENTION)
+    calls = []
+    varlen = fast._VARLEN
+    if compiled:
+        fast.speedups(model, torch.device("cuda"))
+    else:
+        monkeypatch.setattr(fast, "_VARLEN", lambda *a, **k: calls.append(a[5]) or varlen(*a, **k))
+    for _ in range(2):
+        got_loss, got_grads = _loss_and_grads(model, loss_sum, packed)
+        torch.testing.assert_close(got_loss, ref_loss, rtol=2e-3, atol=0)
+        for got, want in zip(got_grads, ref_grads):  # bf16: flash and SDPA's masked kernel round apart
+            assert ((got - want).norm() / want.norm()).item() < 3e-2
+    assert compiled or calls == [256] * 2 * TINY[arch]["num_hidden_layers"]  # every layer, the row length
+    ids = torch.randint(0, TINY[arch]["vocab_size"], (2, 256), device="cuda")
+    plain = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    got = _loss_and_grads(model, loss_sum, plain)[0]
+    base.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, _loss_and_grads(model, loss_sum, plain)[0], rtol=2e-3, atol=0)
+    assert len(calls) in (0, 2 * TINY[arch]["num_hidden_layers"])  # unpacked: no varlen call
+
+
 def test_compiled_cross_entropy_step_matches_reference():
     rows, vocab = int(torch.randint(1000, 3000, ())), 50_257  # a fresh odd shape: the symbolic path too
     logits = (torch.randn(rows, vocab, device="cuda") * 4).to(torch.bfloat16)

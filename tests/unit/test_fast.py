@@ -179,11 +179,16 @@ def test_seeded_dropout_matches_nn_dropout_in_rate_scale_and_gradient():
     assert drop.eval()(x) is x and fast.SeededDropout(0.0)(x) is x
 
 
-def test_seeded_dropout_mask_is_a_function_of_its_seed_only():
+@pytest.mark.parametrize("index", ["int32", "int64"])
+def test_seeded_dropout_mask_is_a_function_of_its_seed_only(monkeypatch, index):
     """Eager and compiled code draw the same mask from the same seed (the compiler may recompute it in
     the backward); neighbouring elements and seeds are uncorrelated; reseed refills the seeds from torch's
-    generator before every forward of the model."""
-    seed = torch.tensor(7)
+    generator before every forward of the model. `index`: the int32 index of masks under INT32_INDEX
+    elements, and the int64 one of larger masks (the limit lowered to reach it)."""
+    if index == "int64":
+        monkeypatch.setattr(fast, "INT32_INDEX", 0)
+    seed = torch.tensor(7 + (5 << 40))  # seeds use 62 bits
+    assert abs(fast.seeded_keep(seed, (1 << 20,), 3277).float().mean().item() - (1 - 3277 / 65536)) < 0.002
     mask = fast.seeded_keep(seed, (64, 1000), 3277)
     assert torch.equal(torch.compile(lambda s: fast.seeded_keep(s, (64, 1000), 3277))(seed), mask)
     flat = fast.seeded_keep(seed, (1 << 20,), 3277).float()
@@ -272,7 +277,8 @@ def test_segment_attention_matches_the_block_diagonal_mask(tiny_model_dir, monke
         ids = torch.randint(3, 300, (n,)).tolist()
         return Rendered(ids, [-100] * (n // 2) + ids[n // 2:])
 
-    packed = collate([[example(7), example(12), example(5)], [example(20)], [example(9), example(11)]], pad_id=0)
+    rows = [[example(7), example(12), example(5)], [example(20)], [example(9), example(11)]]
+    packed = collate(rows, pad_id=0)
     assert packed["cu_seqlens"].tolist() == [0, 7, 19, 24, 44, 48, 57, 68, 72]  # examples, and each padding
 
     def loss_and_grads(batch):
@@ -294,6 +300,12 @@ def test_segment_attention_matches_the_block_diagonal_mask(tiny_model_dir, monke
     torch.testing.assert_close(got[0], reference[0], rtol=1e-5, atol=1e-5)
     for g, want in zip(got[1], reference[1]):
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+    fixed = collate(rows, pad_id=0, width=26)  # a fixed width, as for CUDA graphs: 9 segments, padded to 16
+    assert fixed["cu_seqlens"].tolist() == [0, 7, 19, 24, 26, 46, 52, 61, 72, 78] + [78] * 7
+    got = loss_and_grads(fixed)
+    assert calls[-1] == [7, 12, 5, 2, 20, 6, 9, 11, 6]  # empty segments skipped
+    torch.testing.assert_close(got[0], reference[0], rtol=1e-5, atol=1e-5)
+    calls.clear()
     got = loss_and_grads(plain)
-    assert len(calls) == 2  # no segments: SDPA with transformers' mask
+    assert not calls  # no segments: SDPA with transformers' mask
     torch.testing.assert_close(got[0], plain_reference[0], rtol=0, atol=0)

@@ -59,6 +59,8 @@ def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int,
     Rows that are single examples give the plain padded batch. Packed rows (sequences of examples)
     also get `position_ids` that restart at 0 for each example (and for the padding), and
     `cu_seqlens`, the offsets of each of those segments in the flattened batch, for varlen kernels.
+    `width` (a fixed width, for CUDA graphs' one shape per recording) also pads the segments with empty
+    ones to a power of two, so their count takes a few shapes instead of one per batch.
     The model must then get position_ids instead of the attention mask (see `loss.model_inputs`):
     transformers builds a block-diagonal causal mask from them, so no token attends across examples.
     The first label of each packed example is ignored: it would be predicted from the example
@@ -90,6 +92,8 @@ def collate(rows: Sequence[Rendered | Sequence[Rendered]], pad_id: int,
         segments += [width - at] if at < width else []
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "trained_index": trained_index(labels)}
     if packed:
+        if width is not None:  # one shape for CUDA graphs: empty segments up to a power of two
+            segments += [0] * ((1 << (len(segments) - 1).bit_length()) - len(segments))
         cu = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         batch.update(position_ids=positions, cu_seqlens=cu, max_seqlen=max(segments))
     return batch

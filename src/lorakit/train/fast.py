@@ -18,10 +18,11 @@
   the forward's mask; torch's dropout under an activation budget below 1 may be recomputed with fresh
   random numbers (pytorch/pytorch#190758). Dropout 0.05 costs the 8B 1.5% (benchmarks/NOTES.md).
 - `compiled`: one compiled copy of a function (train/loss.py compiles its per-chunk CE step with it).
-- `segment_attention` (CPU, packed rows): causal attention run example by example instead of over
-  the whole row under a block-diagonal mask, which torch's CPU flash kernel takes as a dense mask and
-  computes in full: one 8 x 512 packed batch of SmolLM2-135M spent 5 of 28 s of a step in attention.
-  transformers' SDPA with the mask stays the reference (tests/unit/test_fast.py).
+- `segment_attention` (packed rows): causal attention within each example instead of over the whole
+  row under a block-diagonal mask, which SDPA takes as a dense mask and computes in full. On the CPU
+  example by example (one 8 x 512 packed batch of SmolLM2-135M spent 5 of 28 s of a step in
+  attention); on CUDA one call of torch's varlen flash-attention. transformers' SDPA with the mask
+  stays the reference (tests/unit/test_fast.py, tests/gpu/test_fast_gpu.py).
 - `cheap_dropout` (CPU): LoRA dropout with its mask drawn from random 16-bit integers. torch's CPU
   dropout draws a float per element, 86 ms for one [4096 x 1536] input on the 2-core test machine,
   and PEFT drops each LoRA layer's input apart (7 per decoder layer): 26 of 140 s of a profiled
@@ -36,6 +37,7 @@ the measurements.
 """
 
 import functools
+import inspect
 
 import torch
 import torch._functorch.config
@@ -232,15 +234,19 @@ def _signed32(c: int) -> int:
 
 
 _FOLD, _MIX1, _MIX2 = _signed32(0x9E3779B9), _signed32(0x7FEB352D), _signed32(0x846CA68B)
+INT32_INDEX = 2**31  # masks of up to this many elements (plus the salt) hash an int32 index
 
 
 def seeded_keep(seed: torch.Tensor, shape, cutoff: int, salt: int = 0) -> torch.Tensor:
     """The bool keep mask of SeededDropout: a 32-bit hash (lowbias32: two multiply-xorshift rounds) of
-    the element's index plus the seed, folded to 32 bits; an element is kept when the hash's low 16
-    bits are >= cutoff. 32-bit, not 64-bit, arithmetic: the GPU multiplies int64 in several int32
+    the element's index plus the seed, both folded to 32 bits; an element is kept when the hash's low
+    16 bits are >= cutoff. 32-bit, not 64-bit, arithmetic: the GPU multiplies int64 in several int32
     instructions, and the mask is computed in the forward and again in the backward for every LoRA
     input (dropout 0.05 cost an 8B QLoRA step 2.8% with splitmix64, 1.5% with this hash: benchmarks/NOTES.md,
-    session 6).
+    session 6). Below INT32_INDEX elements the index itself is int32 and the seed is folded once
+    (benchmarks/gpu_kernels.py: the SwiGLU and RMSNorm kernels the masks fuse into, forward and
+    backward, 15% faster on the H200 than with an int64 index folded per element); past it, rows past
+    2**32 elements fold their index's high bits in too.
     int32 arithmetic wraps; >> is arithmetic on signed integers, so each shift is masked to the
     logical one.
 
@@ -253,8 +259,12 @@ def seeded_keep(seed: torch.Tensor, shape, cutoff: int, salt: int = 0) -> torch.
     n = 1
     for size in shape:
         n *= size
-    x = torch.arange(salt, salt + n, dtype=torch.int64, device=seed.device).view(shape) + seed
-    h = x.to(torch.int32) ^ ((x >> 32).to(torch.int32) * _FOLD)  # rows past 2**32 elements differ too
+    if salt + n <= INT32_INDEX:
+        folded = seed.to(torch.int32) ^ ((seed >> 32).to(torch.int32) * _FOLD)
+        h = torch.arange(salt, salt + n, dtype=torch.int32, device=seed.device).view(shape) + folded
+    else:
+        x = torch.arange(salt, salt + n, dtype=torch.int64, device=seed.device).view(shape) + seed
+        h = x.to(torch.int32) ^ ((x >> 32).to(torch.int32) * _FOLD)
     h = (h ^ ((h >> 16) & 0xFFFF)) * _MIX1
     h = (h ^ ((h >> 15) & 0x1FFFF)) * _MIX2
     h = h ^ ((h >> 16) & 0xFFFF)
@@ -306,16 +316,23 @@ def _scale_output(drop: BytesDropout, module, args, output):
 
 
 SEGMENT_ATTENTION = "lorakit_segments"  # the attention implementation's name in transformers' registry
+try:  # torch's varlen flash-attention (torch >= 2.10) and the names of its arguments, which have changed
+    from torch.nn.attention.varlen import varlen_attn as _VARLEN
+
+    _VARLEN_ARGS = set(inspect.signature(_VARLEN).parameters)
+except ImportError:
+    _VARLEN, _VARLEN_ARGS = None, set()
 
 
 def use_segment_attention(model) -> bool:
-    """Make a CPU model with SDPA attention run packed rows through `segment_attention`; returns
-    whether it did. Other attention implementations, and models on other devices, are left alone."""
+    """Make a model with SDPA attention run packed rows through `segment_attention` (on the CPU, and on
+    CUDA where torch has `varlen_attn`); returns whether it did. Other attention implementations and
+    devices are left alone."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) != "sdpa" or base.device.type != "cpu":
+    if getattr(base.config, "_attn_implementation", None) != "sdpa" or not _segments_on(base.device):
         return False
     AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
     AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # unpacked batches: SDPA's own masks
@@ -323,23 +340,53 @@ def use_segment_attention(model) -> bool:
     return base.config._attn_implementation == SEGMENT_ATTENTION
 
 
+def _segments_on(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and _VARLEN is not None)
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention interface: for a packed batch (segment offsets `cu_seq_lens_q`, which
-    train's loss passes with position ids; see loss.model_inputs) causal SDPA on each example (and each
-    row's padding) alone, which is what the block-diagonal mask computes; anything else goes to
-    transformers' SDPA attention: unpacked batches, dropout, tensors off the CPU (a model moved after
-    `use_segment_attention`), and layers with a sliding window, logit softcapping, sinks or a position
-    bias."""
+    train's loss passes with position ids; see loss.model_inputs) causal attention within each example
+    (and each row's padding) alone, which is what the block-diagonal mask computes: on CUDA one varlen
+    flash-attention call over the flattened rows, on the CPU SDPA example by example. Anything else
+    goes to transformers' SDPA attention: unpacked batches, dropout, tensors on another device (a model
+    moved after `use_segment_attention`), fp32 or heads over 256 wide on CUDA (flash-attention's
+    limits), and layers with a sliding window, logit softcapping, sinks or a position bias."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
     special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
-    if cu is None or dropout or special or query.device.type != "cpu" or not getattr(module, "is_causal", True):
+    flash = query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+    cuda = query.device.type == "cuda" and _VARLEN is not None and flash
+    if cu is None or dropout or special or not (cuda or query.device.type == "cpu") \
+            or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, length, _ = query.shape
-    out = _attend_segments(query, key, value, (cu[1:] - cu[:-1]).tolist(), scaling)
+    if cuda:
+        return _varlen_segments(query, key, value, cu, scaling), None
+    out = _attend_segments(query, key, value, [n for n in (cu[1:] - cu[:-1]).tolist() if n], scaling)
     return out.view(heads, rows, length, -1).permute(1, 2, 0, 3).contiguous(), None  # [rows, length, heads, dim]
+
+
+def _varlen_segments(query, key, value, cu, scaling) -> torch.Tensor:
+    """[rows, length, heads, dim] of causal attention within the segments `cu` of the flattened rows, by
+    torch's varlen flash-attention. Its longest-segment argument is the row length, an upper bound
+    known from the shapes: the batch's own would be a new constant, and a new compile, per batch."""
+    rows, heads, length, dim = query.shape
+
+    def tokens(x):  # [rows, heads, length, dim] -> [rows * length, heads, dim]
+        return x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
+
+    k, v = tokens(key), tokens(value)
+    extra = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
+    if key.shape[1] != heads:
+        if "enable_gqa" in _VARLEN_ARGS:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(heads // key.shape[1], 1) for x in (k, v))
+    out = _VARLEN(tokens(query), k, v, cu, cu, length, length, scale=scaling, **extra)
+    return out.view(rows, length, heads, dim)
 
 
 def _attend_segments(query, key, value, lengths: list[int], scaling) -> torch.Tensor:
