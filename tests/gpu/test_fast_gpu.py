@@ -238,16 +238,18 @@ def gpu_tiny_dir(tmp_path_factory):
     return str(path)
 
 
-def test_training_with_cuda_graphs_follows_the_eager_run(gpu_tiny_dir, overfit_config, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_training_with_cuda_graphs_follows_the_eager_run(gpu_tiny_dir, overfit_config, tmp_path, packing):
     """lorakit.train with train.compile false / true / cudagraphs on the same data and seed: the same
-    loss per step (bf16 rounding apart), going down; CUDA graphs pad every batch to data.max_length."""
+    loss per step (bf16 rounding apart), going down; CUDA graphs pad every batch to data.max_length
+    (packed rows: their segment offsets to a power of two too)."""
     import json
 
     from lorakit.api import train
 
     losses = {}
     for mode in ("false", "true", "cudagraphs", "fp8"):
-        cfg = load_config(overfit_config, overrides=[f"model={gpu_tiny_dir}",
+        cfg = load_config(overfit_config, overrides=[f"model={gpu_tiny_dir}", f"data.packing={packing}",
                                                      f"train.compile={'true' if mode == 'fp8' else mode}",
                                                      f"train.fp8={mode == 'fp8'}",
                                                      "train.precision=bf16", "train.batch_size=4",
