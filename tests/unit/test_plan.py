@@ -101,29 +101,37 @@ def test_dropout_and_mask_cost_what_the_step_keeps():
 # Peak allocated GiB of lorakit's compiled training step (fast.speedups + the fused loss step) on an H200:
 # random full rows of 2048 tokens, r16/alpha32 all-linear, bf16 autocast, 16,384 tokens per optimizer
 # step. (arch, method, micro-batch, checkpointing, activation budget, LoRA dropout, GiB, results file
-# benchmarks/results/gpu_throughput_2026-11-29_<file>.json, arm). Budget 1.0 for the 8B: sessions 2-3,
-# before fast.ACTIVATION_BUDGET; 0.8 for the 0.6B: session 4 applied it to every model. Dropout 0.05:
-# session 6, fast.SeededDropout recomputing its masks (fp8 arms: the same memory as the bf16 matmuls).
+# benchmarks/results/gpu_throughput_<file>.json, arm); rows packed where the file's data says so.
+# Budget 1.0 for the 8B: sessions 2-3, before fast.ACTIVATION_BUDGET; 0.8 for the 0.6B: session 4
+# applied it to every model. Dropout 0.05: session 6, fast.SeededDropout recomputing its masks (fp8
+# arms: the same memory as the bf16 matmuls).
 H200_COMPILED = [
-    ("llama-3.1-8b", "qlora", 4, False, 0.8, 0.0, 32.43, "s4_llama_budget", "llama-qlora-mb4-fast"),
-    ("llama-3.1-8b", "qlora", 8, False, 0.8, 0.0, 55.63, "s4_llama_fp8", "llama-qlora-mb8-fp8"),
-    ("llama-3.1-8b", "qlora", 2, False, 1.0, 0.0, 25.33, "s2", "llama-qlora-mb2-fast"),
-    ("llama-3.1-8b", "qlora", 4, False, 1.0, 0.0, 43.45, "s3_llama_50", "llama-qlora-mb4-fast"),
-    ("llama-3.1-8b", "qlora", 8, True, 0.8, 0.0, 14.32, "s2_blocks", "llama-qlora-mb8-ckpt-blocks"),
-    ("llama-3.1-8b", "qlora", 4, True, 0.8, 0.0, 11.47, "s2_blocks", "llama-qlora-mb4-ckpt-blocks"),
-    ("llama-3.1-8b", "lora", 8, False, 0.8, 0.0, 65.26, "s4_lora_a", "llama-lora-mb8-fast"),
-    ("llama-3.1-8b", "lora", 2, False, 1.0, 0.0, 35.98, "s3_llama_lora", "llama-lora-mb2-fast"),
-    ("llama-3.1-8b", "lora", 4, False, 1.0, 0.0, 55.09, "s3_llama_lora", "llama-lora-mb4-fast"),
-    ("qwen3-0.6b", "qlora", 8, False, 1.0, 0.0, 23.73, "s3_qwen", "qwen-qlora-mb8-fast"),
-    ("qwen3-0.6b", "qlora", 8, False, 0.8, 0.0, 19.21, "s4_qwen_a", "qwen-qlora-mb8-fast"),
-    ("llama-3.1-8b", "qlora", 4, False, 0.8, 0.05, 32.43, "s6c_hash32_d0.05_llama-qlora-mb4-fast",
+    ("llama-3.1-8b", "qlora", 4, False, 0.8, 0.0, 32.43, "2026-11-29_s4_llama_budget", "llama-qlora-mb4-fast"),
+    ("llama-3.1-8b", "qlora", 8, False, 0.8, 0.0, 55.63, "2026-11-29_s4_llama_fp8", "llama-qlora-mb8-fp8"),
+    ("llama-3.1-8b", "qlora", 2, False, 1.0, 0.0, 25.33, "2026-11-29_s2", "llama-qlora-mb2-fast"),
+    ("llama-3.1-8b", "qlora", 4, False, 1.0, 0.0, 43.45, "2026-11-29_s3_llama_50", "llama-qlora-mb4-fast"),
+    ("llama-3.1-8b", "qlora", 8, True, 0.8, 0.0, 14.32, "2026-11-29_s2_blocks", "llama-qlora-mb8-ckpt-blocks"),
+    ("llama-3.1-8b", "qlora", 4, True, 0.8, 0.0, 11.47, "2026-11-29_s2_blocks", "llama-qlora-mb4-ckpt-blocks"),
+    ("llama-3.1-8b", "lora", 8, False, 0.8, 0.0, 65.26, "2026-11-29_s4_lora_a", "llama-lora-mb8-fast"),
+    ("llama-3.1-8b", "lora", 2, False, 1.0, 0.0, 35.98, "2026-11-29_s3_llama_lora", "llama-lora-mb2-fast"),
+    ("llama-3.1-8b", "lora", 4, False, 1.0, 0.0, 55.09, "2026-11-29_s3_llama_lora", "llama-lora-mb4-fast"),
+    ("qwen3-0.6b", "qlora", 8, False, 1.0, 0.0, 23.73, "2026-11-29_s3_qwen", "qwen-qlora-mb8-fast"),
+    ("qwen3-0.6b", "qlora", 8, False, 0.8, 0.0, 19.21, "2026-11-29_s4_qwen_a", "qwen-qlora-mb8-fast"),
+    ("llama-3.1-8b", "qlora", 4, False, 0.8, 0.05, 32.43, "2026-11-29_s6c_hash32_d0.05_llama-qlora-mb4-fast",
      "llama-qlora-mb4-fast"),
-    ("llama-3.1-8b", "qlora", 8, False, 0.8, 0.05, 55.62, "s6d_hash32_d0.05_llama-qlora-mb8-fast",
+    ("llama-3.1-8b", "qlora", 8, False, 0.8, 0.05, 55.62, "2026-11-29_s6d_hash32_d0.05_llama-qlora-mb8-fast",
      "llama-qlora-mb8-fast"),
-    ("llama-3.1-8b", "qlora", 8, True, 0.8, 0.05, 14.76, "s6b_hash64_d0.05_llama-qlora-mb8-ckpt-fast",
+    ("llama-3.1-8b", "qlora", 8, True, 0.8, 0.05, 14.76, "2026-11-29_s6b_hash64_d0.05_llama-qlora-mb8-ckpt-fast",
      "llama-qlora-mb8-ckpt-fast"),
-    ("llama-3.1-8b", "lora", 4, False, 0.8, 0.05, 42.09, "s6d_hash32_d0.05_llama-lora-mb4-fp8", "llama-lora-mb4-fp8"),
-    ("qwen3-0.6b", "qlora", 8, False, 1.0, 0.05, 28.1, "s6d_hash32_d0.05_qwen-qlora-mb8-fast", "qwen-qlora-mb8-fast"),
+    ("llama-3.1-8b", "lora", 4, False, 0.8, 0.05, 42.09, "2026-11-29_s6d_hash32_d0.05_llama-lora-mb4-fp8",
+     "llama-lora-mb4-fp8"),
+    ("qwen3-0.6b", "qlora", 8, False, 1.0, 0.05, 28.1, "2026-11-29_s6d_hash32_d0.05_qwen-qlora-mb8-fast",
+     "qwen-qlora-mb8-fast"),
+    # packed rows (--packed 512), session 8: segment attention by varlen flash-attention; no float mask
+    ("llama-3.1-8b", "qlora", 4, False, 0.8, 0.05, 32.43, "2026-11-30_s8b_packed512_after_d0.05_llama-qlora-mb4-fast",
+     "llama-qlora-mb4-fast"),
+    ("qwen3-0.6b", "qlora", 8, False, 1.0, 0.05, 30.06, "2026-11-30_s8c_packed512_after_d0.05_qwen-qlora-mb8-cg-fp8",
+     "qwen-qlora-mb8-cg-fp8"),
 ]
 
 
@@ -131,14 +139,15 @@ H200_COMPILED = [
                          ids=[f"{c[0]}-{c[1]}-mb{c[2]}{'-gc' if c[3] else ''}-budget{c[4]}-dropout{c[5]}"
                               for c in H200_COMPILED])
 def test_compiled_step_matches_h200_peaks(monkeypatch, name, method, rows, gc, budget, dropout, gib, file, arm):
-    results = ROOT / "benchmarks" / "results" / f"gpu_throughput_2026-11-29_{file}.json"
+    results = ROOT / "benchmarks" / "results" / f"gpu_throughput_{file}.json"
     measured = next(r for r in json.loads(results.read_text())["results"] if r["arm"] == arm)
     assert measured["peak_gib"] == gib and measured["micro_batch"] == rows and measured["checkpointing"] == gc
     lora = json.loads(results.read_text())["meta"]["lora"]  # "r=16 alpha=32 dropout=0.05 all-linear, ..."
     assert float(lora.split("dropout=")[1].split()[0]) == dropout
     arch = _arch(name)
+    packed = "packed" in json.loads(results.read_text())["meta"]["data"]
     step = _step(method=method, rows=rows, seq=2048, trained=rows * 2047, checkpointing=gc, dropout=dropout,
-                 compiled=True)
+                 compiled=True, masked=packed)
     monkeypatch.setattr(fast, "ACTIVATION_BUDGET", budget)
     monkeypatch.setattr(fast, "LARGE_MODEL", 0)  # the arm's budget, whatever the model's size
     assert plan.activation_budget(arch, step) == budget
