@@ -259,6 +259,23 @@ def test_compiled_layers_with_seeded_dropout_match_eager(tmp_path):
     assert not torch.equal(loss_sum(model, batch).detach(), compiled[0])  # other seeds, other masks
 
 
+def test_segment_attention_leaves_non_causal_calls_to_sdpa():
+    """A call marked not causal (transformers passes is_causal over the layer's own flag) attends to the
+    whole row, as transformers' SDPA does with it, even when segment offsets come along."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    got, _ = fast.segment_attention(module, q, k, v, None, cu_seq_lens_q=cu, is_causal=False)
+    want, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=False)
+    torch.testing.assert_close(got, want)
+    causal, _ = fast.segment_attention(module, q, k, v, None, cu_seq_lens_q=cu)
+    assert not torch.allclose(causal, want)
+
+
 def test_segment_attention_matches_the_block_diagonal_mask(tiny_model_dir, monkeypatch):
     """Packed rows on the CPU: attention example by example gives the loss and gradients of transformers'
     SDPA under the block-diagonal mask (the reference), and unpacked batches still take SDPA."""

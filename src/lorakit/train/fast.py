@@ -351,15 +351,17 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     flash-attention call over the flattened rows, on the CPU SDPA example by example. Anything else
     goes to transformers' SDPA attention: unpacked batches, dropout, tensors on another device (a model
     moved after `use_segment_attention`), fp32 or heads over 256 wide on CUDA (flash-attention's
-    limits), and layers with a sliding window, logit softcapping, sinks or a position bias."""
+    limits), calls that are not causal, and layers with a sliding window, logit softcapping, sinks or a
+    position bias."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
     special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
+    causal = kwargs.get("is_causal")  # as transformers' SDPA reads it: the call's, else the layer's
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     flash = query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
     cuda = query.device.type == "cuda" and _VARLEN is not None and flash
-    if cu is None or dropout or special or not (cuda or query.device.type == "cpu") \
-            or not getattr(module, "is_causal", True):
+    if cu is None or dropout or special or not causal or not (cuda or query.device.type == "cpu"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, length, _ = query.shape
