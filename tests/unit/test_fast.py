@@ -120,6 +120,17 @@ def test_bytes_dropout_is_seeded_and_off_in_eval():
     assert drop.eval()(x) is x and fast.BytesDropout(0.0)(x) is x
 
 
+def test_random_words_give_uniform_16_bit_draws():
+    """Each 16-bit quarter of the words, and each of its bits, is uniform (the draws BytesDropout cuts)."""
+    torch.manual_seed(0)
+    draws = fast.random_words(1 << 18).view(torch.int16).view(-1, 4).int()
+    for quarter in draws.unbind(1):
+        top = torch.bincount(((quarter + 32768) >> 12).flatten(), minlength=16).float() / quarter.numel()
+        assert (top - 1 / 16).abs().max() < 0.003
+        bits = torch.stack([(quarter >> b) & 1 for b in range(16)]).float().mean(1)
+        assert (bits - 0.5).abs().max() < 0.01
+
+
 def test_cpu_lora_layers_scale_lora_a_output_as_dropout_would(tiny_model_dir):
     """On CPU the dropout leaves kept inputs unscaled and LoRA A's output is scaled: each layer's
     output and gradients are those of PEFT's lora_B(lora_A(x * keep / (1 - p))) with the same mask."""
