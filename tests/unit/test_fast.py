@@ -270,6 +270,23 @@ def test_compiled_layers_with_seeded_dropout_match_eager(tmp_path):
     assert not torch.equal(loss_sum(model, batch).detach(), compiled[0])  # other seeds, other masks
 
 
+def test_varlen_attention_is_used_only_where_every_gpu_runs_flash_attention(monkeypatch):
+    """Packed rows on CUDA take varlen flash-attention only when torch has it and every visible GPU is
+    Ampere or newer; elsewhere (a T4, a V100, no GPU) they keep SDPA under the block-diagonal mask."""
+    def ready(capabilities, available=True):
+        monkeypatch.setattr(fast, "_VARLEN_READY", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+        return fast.varlen_ready(), fast._segments_on(torch.device("cuda"))
+
+    has_varlen = fast._VARLEN is not None
+    assert ready([(9, 0), (8, 0)]) == (has_varlen, has_varlen)
+    assert ready([(9, 0), (7, 5)]) == (False, False)
+    assert ready([(9, 0)], available=False) == (False, False)
+    assert fast._segments_on(torch.device("cpu"))
+
+
 def test_segment_attention_leaves_non_causal_calls_to_sdpa():
     """A call marked not causal (transformers passes is_causal over the layer's own flag) attends to the
     whole row, as transformers' SDPA does with it, even when segment offsets come along."""

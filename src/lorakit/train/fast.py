@@ -26,11 +26,11 @@
 - `cheap_dropout` (CPU): LoRA dropout with its mask drawn from random 16-bit integers. torch's CPU
   dropout draws a float per element, 86 ms for one [4096 x 1536] input on the 2-core test machine,
   and PEFT drops each LoRA layer's input apart (7 per decoder layer): 26 of 140 s of a profiled
-  3-step run. Random int64 words (numpy's SFC64, seeded from torch's generator) cut into four 16-bit
-  draws cost 11 ms, the mask kept for the
-  backward is bool, not float, and the dropout's scale is applied to LoRA A's r outputs instead of
-  its input (one pass less over the input forward and over its gradient backward). `nn.Dropout`
-  stays the reference (tests/unit/test_fast.py).
+  3-step run. Random int64 words cut into four 16-bit draws take 5 ms for that input (numpy's SFC64,
+  seeded from torch's generator; 15 ms from torch's), the mask kept for the backward is bool, not
+  float, and the dropout's scale is applied to LoRA A's r outputs instead of its input (one pass less
+  over the input forward and over its gradient backward). `nn.Dropout` stays the reference
+  (tests/unit/test_fast.py).
 
 The module tree, state dict and adapter files stay those of the eager model. tests/gpu/test_fast_gpu.py
 compares each compiled path with the eager reference on fresh random inputs; benchmarks/NOTES.md has
@@ -330,18 +330,32 @@ try:  # torch's varlen flash-attention (torch >= 2.10) and the names of its argu
     from torch.nn.attention.varlen import varlen_attn as _VARLEN
 
     _VARLEN_ARGS = set(inspect.signature(_VARLEN).parameters)
+    if not _VARLEN_ARGS & {"window_size", "is_causal"}:  # no way to ask it for causal attention
+        _VARLEN = None
 except ImportError:
     _VARLEN, _VARLEN_ARGS = None, set()
+_VARLEN_READY = None  # set by `varlen_ready`: varlen attention runs on every visible GPU
+
+
+def varlen_ready() -> bool:
+    """Whether packed rows on CUDA can take torch's varlen flash-attention: torch has it, and every
+    visible GPU is Ampere (compute capability 8.0) or newer, as flash-attention needs."""
+    global _VARLEN_READY
+    if _VARLEN_READY is None:
+        _VARLEN_READY = _VARLEN is not None and torch.cuda.is_available() and all(
+            torch.cuda.get_device_capability(i) >= (8, 0) for i in range(torch.cuda.device_count()))
+    return _VARLEN_READY
 
 
 def use_segment_attention(model) -> bool:
     """Make a model with SDPA attention run packed rows through `segment_attention` (on the CPU, and on
-    CUDA where torch has `varlen_attn`); returns whether it did. Other attention implementations and
-    devices are left alone."""
+    CUDA where `varlen_ready`); returns whether it did. Other attention implementations and devices
+    are left alone."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    varlen_ready()  # now, outside compiled code: segment_attention reads the answer on CUDA
     if getattr(base.config, "_attn_implementation", None) != "sdpa" or not _segments_on(base.device):
         return False
     AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
@@ -351,7 +365,7 @@ def use_segment_attention(model) -> bool:
 
 
 def _segments_on(device: torch.device) -> bool:
-    return device.type == "cpu" or (device.type == "cuda" and _VARLEN is not None)
+    return device.type == "cpu" or (device.type == "cuda" and varlen_ready())
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -360,8 +374,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     (and each row's padding) alone, which is what the block-diagonal mask computes: on CUDA one varlen
     flash-attention call over the flattened rows, on the CPU SDPA example by example. Anything else
     goes to transformers' SDPA attention: unpacked batches, dropout, tensors on another device (a model
-    moved after `use_segment_attention`), fp32 or heads over 256 wide on CUDA (flash-attention's
-    limits), calls that are not causal, and layers with a sliding window, logit softcapping, sinks or a
+    moved after `use_segment_attention`), GPUs older than Ampere, fp32 or heads over 256 wide on CUDA
+    (flash-attention's limits), calls that are not causal, and layers with a sliding window, logit softcapping, sinks or a
     position bias."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -370,7 +384,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     causal = kwargs.get("is_causal")  # as transformers' SDPA reads it: the call's, else the layer's
     causal = getattr(module, "is_causal", True) if causal is None else causal
     flash = query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-    cuda = query.device.type == "cuda" and _VARLEN is not None and flash
+    cuda = query.device.type == "cuda" and bool(_VARLEN_READY) and flash  # read, not asked: compiled code
     if cu is None or dropout or special or not causal or not (cuda or query.device.type == "cpu"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
