@@ -98,30 +98,17 @@ def _flex(name, q, k, v, g, reference, flops, iters) -> dict:
     return row
 
 
-def keep_int32(seed, shape, cutoff, salt=0):
-    """Candidate: the same lowbias32 hash of an int32 index (numel + salt < 2**31) plus the seed folded
-    to 32 bits once."""
-    n = 1
-    for size in shape:
-        n *= size
-    s = seed.to(torch.int32) ^ ((seed >> 32).to(torch.int32) * fast._FOLD)
-    h = torch.arange(salt, salt + n, dtype=torch.int32, device=seed.device).view(shape) + s
-    h = (h ^ ((h >> 16) & 0xFFFF)) * fast._MIX1
-    h = (h ^ ((h >> 15) & 0x1FFFF)) * fast._MIX2
-    h = h ^ ((h >> 16) & 0xFFFF)
-    return (h & 0xFFFF) >= cutoff
-
-
 def dropout_cases(iters: int) -> list[dict]:
     """The two kernel patterns the 8B profile spends its dropout in: RMSNorm feeding three dropped LoRA
     inputs (q, k, v), and SwiGLU feeding the down projection's dropped input."""
     tokens, hidden, inter = 8192, 4096, 14336
     out = []
-    variants = {"none": None, "int64 index (current)": fast.seeded_keep, "int32 index": keep_int32}
-    original = fast.seeded_keep
-    for variant, keep in variants.items():
-        if keep is not None:
-            fast.seeded_keep = keep
+    # fast.seeded_keep's two index forms, chosen by the mask size up to which the index is int32
+    variants = {"none": None, "int64 index (lorakit until session 7)": 0, "int32 index": fast.INT32_INDEX}
+    original = fast.INT32_INDEX
+    for variant, limit in variants.items():
+        keep = limit is not None
+        fast.INT32_INDEX = original if limit is None else limit
         drops = [fast.SeededDropout(0.05).cuda() for _ in range(4)]
         for salt, drop in enumerate(drops[:3]):
             drop.salt = salt
@@ -130,13 +117,13 @@ def dropout_cases(iters: int) -> list[dict]:
 
         def norm_qkv(x, w):
             y = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
-            if keep is None:
+            if not keep:
                 return y.sum(-1) * 3
             return sum(d(y).float().sum(-1) for d in drops[:3])
 
         def swiglu_down(gate, up):
             h = F.silu(gate) * up
-            return h if keep is None else drops[3](h)
+            return drops[3](h) if keep else h
 
         torch._dynamo.reset()
         f1, f2 = torch.compile(norm_qkv), torch.compile(swiglu_down)
@@ -151,11 +138,11 @@ def dropout_cases(iters: int) -> list[dict]:
             row = {"case": case, "variant": variant, "ms": round(timed(fn, iters), 3)}
             print(row, flush=True)
             out.append(row)
-        if keep is not None:
+        if keep:
             drop = drops[3]
-            kept = keep(drop.seed, (tokens, inter), drop.cutoff, drop.salt).float().mean().item()
+            kept = fast.seeded_keep(drop.seed, (tokens, inter), drop.cutoff, drop.salt).float().mean().item()
             out[-1]["kept"] = round(kept, 5)
-    fast.seeded_keep = original
+    fast.INT32_INDEX = original
     return out
 
 
