@@ -187,7 +187,8 @@ class Setup:
             else:  # as train does; speedups picks the form from the checkpointing state
                 torch_dropout = mock.patch.object(fast, "cheap_dropout", lambda model, kind: 0)
                 with torch_dropout if path == "fast-torchdrop" else contextlib.nullcontext():
-                    fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"))
+                    fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"),
+                                  dequant_cache=DEQUANT_CACHE_GIB * 2**30)
             self.compiled = form
         if self.compiled != form:
             raise Skipped(f"this model's layers are compiled as {self.compiled}, this arm needs {form}: "
@@ -220,6 +221,7 @@ def step_loss_fn(path: str):
 
 
 PACKED = 0  # --packed: mean example length of packed rows (0: each row one example)
+DEQUANT_CACHE_GIB = 0.0  # --dequant-cache: quant.dequant_cache of the compiled arms
 
 
 def micro_batches(ids: torch.Tensor, micro: int, g: torch.Generator) -> list[dict]:
@@ -434,13 +436,15 @@ def main() -> None:
                         help="the compiled layers' activation memory budget (fast.ACTIVATION_BUDGET; 1.0 = keep all)")
     parser.add_argument("--packed", type=int, default=0, metavar="MEAN",
                         help="pack each row with examples of MEAN tokens on average (0: one example per row)")
+    parser.add_argument("--dequant-cache", type=float, default=0, metavar="GIB",
+                        help="quant.dequant_cache for the compiled arms: GiB of bf16 copies of 4-bit weights (0: none)")
     parser.add_argument("--trl-steps", type=int, default=6, help="optimizer steps of each TRL arm")
     parser.add_argument("--tokenizer", default=os.environ.get("TOK", ".tok"),
                         help="folder with tokenizer.json + tokenizer_config.json, for the TRL arms")
     args = parser.parse_args()
     fast.ACTIVATION_BUDGET = args.activation_budget
-    global PACKED
-    PACKED = args.packed
+    global PACKED, DEQUANT_CACHE_GIB
+    PACKED, DEQUANT_CACHE_GIB = args.packed, args.dequant_cache
     import bitsandbytes
     import peft
     import transformers
@@ -448,7 +452,7 @@ def main() -> None:
     meta = dict(date=str(datetime.date.today()), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
                 python=platform.python_version(), activation_budget_over_1e9_params=args.activation_budget,
-                seq=SEQ, tokens_per_step=TOKENS_PER_STEP,
+                seq=SEQ, tokens_per_step=TOKENS_PER_STEP, dequant_cache_gib=args.dequant_cache,
                 lora=f"r=16 alpha=32 dropout={args.dropout} all-linear, lora_B ~ N(0, 1e-3)", optimizer="AdamW lr=1e-4 (fused; -s2 arms: foreach), clip 1.0",
                 data="random full rows, the same for every arm" + (f", packed with examples of {args.packed // 2}-{args.packed * 3 // 2} tokens" if args.packed else ""), timing="steps 4..N, each from a synchronised start to a synchronised end",
                 step="train.loop._accumulate + clip_grad_norm_ + fused AdamW queued before the one host wait per step (loop.update_before_wait; -s2: a wait per micro-batch, AdamW after it)")

@@ -978,6 +978,28 @@ def resolve_checkpointing(cfg, device, rows=None) -> tuple[bool, str]:
                 f"{_gib(without.peak_bytes)} of {_gib(p.device_memory)} (off up to {CHECKPOINT_HEADROOM:.0%})")
 
 
+def resolve_dequant_cache(cfg, device, rows=None) -> tuple[float, str]:
+    """(bytes, reason) of bf16 weight copies `quant.dequant_cache` allows on `device` (fast.cache_dequantized),
+    with method, batch size and checkpointing settled: a CUDA qlora run gets the 4-bit weights' bf16 size
+    or what CHECKPOINT_HEADROOM of the GPU leaves beside the planned peak, whichever is less, capped by
+    a number in the setting."""
+    setting = cfg.quant.dequant_cache
+    kind = device.kind if isinstance(device, Device) else device.type
+    if cfg.method != "qlora" or kind != "cuda" or not setting:
+        return 0, "off" if not setting else f"not used ({cfg.method} on {kind})"
+    target = _plan_device(device, "quant.dequant_cache auto", "quant.dequant_cache")
+    p = plan(cfg, rows=rows, device=target)
+    arch = load_arch(cfg.model, cfg.trust_remote_code)
+    step = _find(p.options, "qlora", bool(cfg.train.gradient_checkpointing))
+    wanted = arch.layers * arch.layer_linear_params * _bytes(p.precision)
+    free = max(0.0, CHECKPOINT_HEADROOM * p.device_memory - step.peak_bytes)
+    cap = math.inf if setting == "auto" else setting * GiB
+    held = min(wanted, free, cap)
+    return held, (f"{_gib(held)} of the 4-bit weights' {_gib(wanted)} in bf16: the step needs "
+                  f"{_gib(step.peak_bytes)} of {_gib(p.device_memory)}"
+                  + ("" if setting == "auto" else f", capped at {setting:g} GiB"))
+
+
 def resolve_auto(cfg, device, rows=None) -> tuple[str, int, str]:
     """(method, batch_size, reason) for `method: auto` and `train.batch_size: auto` on `device` (the
     torch.device train runs on, or a plan.Device): lora when its micro-batch fits, else qlora; the

@@ -81,6 +81,27 @@ def test_fast_path_matches_plain_reference(tmp_path, arch, method, checkpointing
     assert list(model.state_dict()) == names  # checkpoints and adapter files keep their keys
 
 
+def test_dequant_cache_gives_bitsandbytes_numbers_eager_and_compiled(tmp_path):
+    """quant.dequant_cache: 4-bit layers multiplying by their cached bf16 weight give bitsandbytes' own
+    loss and gradients in eager mode (the same dequantization and matmul), and the compiled layers
+    with the cache stay within the fast path's tolerance of that reference."""
+    model = _lora_model(tmp_path, "llama", "qlora", False)
+    ids = torch.randint(0, TINY["llama"]["vocab_size"], (2, 300), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ref_loss, ref_grads = _loss_and_grads(model, reference_loss_sum, batch)
+    assert fast.cache_dequantized(model, float("inf")) > 0
+    loss, grads = _loss_and_grads(model, reference_loss_sum, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    fast.speedups(model, torch.device("cuda"), dequant_cache=float("inf"))
+    for _ in range(2):
+        fast_loss, fast_grads = _loss_and_grads(model, loss_sum, batch)
+        torch.testing.assert_close(fast_loss, ref_loss, rtol=2e-3, atol=0)
+        for got, want in zip(fast_grads, ref_grads):
+            assert ((got - want).norm() / want.norm()).item() < 3e-2
+
+
 @pytest.mark.parametrize("form", ["layers", "blocks", "cudagraphs"])
 def test_fast_path_with_dropout_matches_eager_with_the_same_masks(tmp_path, form):
     """LoRA dropout on: speedups swaps in SeededDropout, whose masks depend on the seeds only, so the

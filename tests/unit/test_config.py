@@ -42,7 +42,7 @@ def test_defaults_match_design(tmp_path):
             "packing": True,
         },
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+        "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "auto", "dequant_cache": "auto"},
         "train": {
             "epochs": 1,
             "max_steps": None,
@@ -205,7 +205,7 @@ def test_unknown_section_in_file_suggests_section(tmp_path):
 def test_unknown_key_without_close_match_lists_valid_keys():
     with pytest.raises(ConfigError) as exc_info:
         load_config(overrides=["quant.zzzzzz=1"], require_train=False)
-    assert exc_info.value.problems[0].fix == "remove it; the keys in quant are: type, double_quant, compute_dtype"
+    assert exc_info.value.problems[0].fix == "remove it; the keys in quant are: type, double_quant, compute_dtype, dequant_cache"
 
 
 def test_section_that_is_not_a_mapping(tmp_path):

@@ -21,6 +21,53 @@ def _tiny_lora():
     return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules="all-linear"))
 
 
+def test_dequant_cache_trains_on_the_numbers_bitsandbytes_computes(tiny_model_dir):
+    """A cached 4-bit layer (fast.cache_dequantized) gives the loss and LoRA gradients of bitsandbytes'
+    own matmul, caches whole weights only while the budget lasts, runs bitsandbytes' path in eval mode,
+    and leaves the state dict as it was."""
+    from lorakit.config import load_config
+    from lorakit.train.loss import reference_loss_sum
+
+    cfg = load_config(overrides={"model": tiny_model_dir, "method": "qlora", "lora.dropout": 0.0},
+                      require_train=False)
+    model = models.attach_lora(models.load_base(cfg, tiny_model_dir, models.resolve_precision("fp32", torch.device("cpu")),
+                                                  torch.device("cpu")), cfg, False)
+    for name, p in model.named_parameters():  # B = 0 would hide the adapter from the loss
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 24))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def loss_and_grads():
+        model.train()
+        value = reference_loss_sum(model, batch)
+        value.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return value.detach(), grads
+
+    want_loss, want_grads = loss_and_grads()
+    model.eval()
+    with torch.no_grad():
+        want_eval = model(**batch).logits
+    keys = list(model.state_dict())
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "lora_A")]
+    sizes = [b.in_features * b.out_features * 4 for b in bases]  # fp32 compute dtype on the CPU
+    assert fast.cache_dequantized(model, sum(sizes[:3])) == sum(sizes[:3])
+    cached = [fast._cached(b) for b in bases]
+    assert cached == [True] * 3 + [False] * (len(bases) - 3)
+    assert fast.cache_dequantized(model, float("inf")) == sum(sizes[3:])  # the rest: no layer cached twice
+    got_loss, got_grads = loss_and_grads()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, want_eval)
+    assert list(model.state_dict()) == keys
+
+
 def test_speedups_leave_a_cpu_model_untouched():
     model = _tiny_lora()
     assert fast.speedups(model, torch.device("cpu")) is model

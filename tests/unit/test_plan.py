@@ -342,6 +342,32 @@ def test_auto_checkpointing_stays_off_while_the_step_fits_the_gpu(llama8b_dir):
     assert plan.resolve_checkpointing(cfg, torch.device("cpu")) == (False, "off on cpu")
 
 
+def test_dequant_cache_takes_what_the_gpu_leaves_beside_the_step(llama8b_dir):
+    """quant.dequant_cache: auto caches every 4-bit weight in bf16 where the GPU has room (8B: 14 GiB
+    beside a ~33 GiB step on an H200), part of them on a 48 GiB card, none where the step fills the GPU;
+    a number caps it; lora, the CPU and 0 get none."""
+    cfg = _cfg(llama8b_dir, batch_size=4, gradient_checkpointing=False)
+    cfg.method = "qlora"
+    arch = plan.load_arch(llama8b_dir)
+    everything = arch.layers * arch.layer_linear_params * 2
+    held, reason = plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True))
+    assert held == everything and reason.startswith(f"{held / GiB:.1f} GiB of the 4-bit weights' ")
+    peak = plan._find(plan.plan(cfg, device=plan.Device("cuda", "L40S", "test GPU", 48 * GiB, True)).options,
+                      "qlora", False).peak_bytes
+    held, _ = plan.resolve_dequant_cache(cfg, plan.Device("cuda", "L40S", "test GPU", 48 * GiB, True))
+    assert held == pytest.approx(plan.CHECKPOINT_HEADROOM * 48 * GiB - peak) and 0 < held < everything
+    assert plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H100", "test GPU", peak, True))[0] == 0
+    cfg.quant.dequant_cache = 6
+    held, reason = plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True))
+    assert held == 6 * GiB and reason.endswith("capped at 6 GiB")
+    cfg.quant.dequant_cache = 0
+    assert plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True)) == (0, "off")
+    cfg.quant.dequant_cache, cfg.method = "auto", "lora"
+    assert plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True))[0] == 0
+    cfg.method = "qlora"
+    assert plan.resolve_dequant_cache(cfg, torch.device("cpu"))[0] == 0
+
+
 def test_compile_false_plans_the_eager_step(llama8b_dir):
     """train compiles the decoder layers on CUDA when train.compile is on (not under FSDP); the plan
     follows: compiled figures then, the eager model otherwise and on the CPU."""

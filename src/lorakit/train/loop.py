@@ -83,7 +83,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     checkpointing = cfg.train.gradient_checkpointing  # settled by _resolve_auto
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
-        model = fast.speedups(model, accelerator.device, cudagraphs, fp8)  # CUDA only; eager is the reference
+        cache = 0
+        if accelerator.device.type == "cuda" and method == "qlora" and not fp8:
+            cache, reason = plan.resolve_dequant_cache(cfg, accelerator.device, train_data.rows)
+            console.info(f"dequantization cache: {reason}")
+        model = fast.speedups(model, accelerator.device, cudagraphs, fp8, cache)  # CUDA only; eager is the reference
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.train.lr, cfg.train.weight_decay,
                       fused=accelerator.device.type == "cuda" and cfg.train.distributed != "fsdp")
     schedule = Schedule(len(train_data.rows), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed,
