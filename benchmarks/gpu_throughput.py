@@ -187,8 +187,8 @@ class Setup:
             else:  # as train does; speedups picks the form from the checkpointing state
                 torch_dropout = mock.patch.object(fast, "cheap_dropout", lambda model, kind: 0)
                 with torch_dropout if path == "fast-torchdrop" else contextlib.nullcontext():
-                    fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"),
-                                  dequant_cache=DEQUANT_CACHE_GIB * 2**30)
+                    cache = {"dequant_cache": DEQUANT_CACHE_GIB * 2**30} if DEQUANT_CACHE_GIB else {}  # older src: none
+                    fast.speedups(self.model, self.device, cudagraphs=cudagraphs, fp8=path in ("fp8", "cg-fp8"), **cache)
             self.compiled = form
         if self.compiled != form:
             raise Skipped(f"this model's layers are compiled as {self.compiled}, this arm needs {form}: "
@@ -303,7 +303,9 @@ def run_arm(setup: Setup, name: str, steps: int, profile_to: str | None) -> dict
     result = dict(arm=name, arch=arch, method=method, path=path, micro_batch=micro, grad_accum=accum,
                   checkpointing=ckpt, steps=steps, tokens_per_s=round(tok_s),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  first_step_s=round(times[0], 1), losses=[round(x, 6) for x in losses],
+                  first_step_s=round(times[0], 1), step_s=[round(t, 3) for t in times],
+                  tokens_per_s_median=round(TOKENS_PER_STEP / sorted(times[warm:])[(steps - warm) // 2]),
+                  losses=[round(x, 6) for x in losses],
                   grad_norms=[round(x, 5) for x in norms],
                   mfu_4n=round(tok_s * 4 * _params(model) / 790e12, 3))
     if path in ("ce", *COMPILED):  # cumulative over the process: did anything fall back to eager?

@@ -43,6 +43,7 @@ the measurements.
 
 import functools
 import inspect
+import re
 
 import numpy as np
 import torch
@@ -90,17 +91,26 @@ def speedups(model, device: torch.device, cudagraphs: bool = False, fp8: bool = 
 
 
 def cache_dequantized(model, max_bytes: float) -> int:
-    """Give 4-bit LoRA base layers, in module order while `max_bytes` allows, a bf16 copy of their
-    weight that their training-mode forward multiplies by (`_Dequantized`); returns the bytes held."""
-    held = 0
-    for module in model.modules():
+    """Give 4-bit LoRA base layers a bf16 copy of their weight that their training-mode forward
+    multiplies by (`_Dequantized`), while `max_bytes` allows; returns the bytes held. The same
+    projections in every decoder layer (the largest kinds that fit, e.g. every layer's gate_proj,
+    q_proj and o_proj), so all layers stay one compiled graph: a layer with other cached projections
+    than its neighbours would be traced and compiled again."""
+    kinds: dict[str, list] = {}
+    for name, module in model.named_modules():
         base = getattr(module, "base_layer", None)
-        if base is None or not hasattr(module, "lora_A") or not fp8_path._is_4bit(base) or _cached(base):
-            continue
-        size = base.in_features * base.out_features * _compute_dtype(base).itemsize
-        if held + size <= max_bytes:
-            _Dequantized(base)
-            held += size
+        if base is not None and hasattr(module, "lora_A") and fp8_path._is_4bit(base) and not _cached(base):
+            kinds.setdefault(re.sub(r"\.\d+\.", ".#.", name), []).append(base)
+
+    def size(bases):
+        return sum(b.in_features * b.out_features * _compute_dtype(b).itemsize for b in bases)
+
+    held = 0
+    for bases in sorted(kinds.values(), key=size, reverse=True):
+        if held + size(bases) <= max_bytes:
+            for base in bases:
+                _Dequantized(base)
+            held += size(bases)
     return held
 
 
@@ -458,10 +468,14 @@ def _varlen_segments(query, key, value, cu, scaling) -> torch.Tensor:
     def tokens(x):  # [rows, heads, length, dim] -> [rows * length, heads, dim]
         return x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
 
+    k, v = tokens(key), tokens(value)
     extra = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
-    if "enable_gqa" in _VARLEN_ARGS:  # newer torch asks; flash-attention itself takes fewer k/v heads
-        extra["enable_gqa"] = key.shape[1] != heads
-    out = _VARLEN(tokens(query), tokens(key), tokens(value), cu, cu, length, length, scale=scaling, **extra)
+    if key.shape[1] != heads:
+        if "enable_gqa" in _VARLEN_ARGS:
+            extra["enable_gqa"] = True
+        else:  # torch 2.11: passing fewer k/v heads ran, but the 8B step took 3.8x as long (NOTES, session 9)
+            k, v = (x.repeat_interleave(heads // key.shape[1], 1) for x in (k, v))
+    out = _VARLEN(tokens(query), k, v, cu, cu, length, length, scale=scaling, **extra)
     return out.view(rows, length, heads, dim)
 
 
