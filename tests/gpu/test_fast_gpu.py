@@ -157,8 +157,13 @@ def test_packed_rows_attend_within_examples_like_the_block_diagonal_mask(tmp_pat
 
     packed = to_device(collate([[example(70), example(120), example(50)], [example(200)],
                                 [example(90), example(110), example(30)]], pad_id=0, width=256), torch.device("cuda"))
+    # as many trained tokens (the same loss chunks), more examples: 33 segment offsets instead of 17
+    more = to_device(collate([[example(70), example(120), example(50)], [example(n) for n in [20] * 8 + [16] * 2],
+                              [example(90), example(110), example(30)]], pad_id=0, width=256), torch.device("cuda"))
+    assert more["cu_seqlens"].shape != packed["cu_seqlens"].shape
     base.set_attn_implementation("sdpa")
     ref_loss, ref_grads = _loss_and_grads(model, loss_sum, packed)
+    ref_more = _loss_and_grads(model, loss_sum, more)[0]
     base.set_attn_implementation(fast.SEGMENT_ATTENTION)
     calls = []
     varlen = fast._VARLEN
@@ -172,6 +177,10 @@ def test_packed_rows_attend_within_examples_like_the_block_diagonal_mask(tmp_pat
         for got, want in zip(got_grads, ref_grads):  # bf16: flash and SDPA's masked kernel round apart
             assert ((got - want).norm() / want.norm()).item() < 3e-2
     assert compiled or calls == [256] * 2 * TINY[arch]["num_hidden_layers"]  # every layer, the row length
+    if compiled:  # another number of examples runs the same compiled layers (loss.model_inputs marks it dynamic)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        torch.testing.assert_close(_loss_and_grads(model, loss_sum, more)[0], ref_more, rtol=2e-3, atol=0)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
     ids = torch.randint(0, TINY[arch]["vocab_size"], (2, 256), device="cuda")
     plain = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     got = _loss_and_grads(model, loss_sum, plain)[0]

@@ -26,6 +26,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "use_cache": False}
     cu = batch["cu_seqlens"]
+    if cu.is_cuda:  # compiled layers: its length (examples per batch) traced as a symbol from the first batch,
+        torch._dynamo.maybe_mark_dynamic(cu, 0)  # not a constant recompiled for the next count (8B: 17 s)
     longest = batch["max_seqlen"] if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
