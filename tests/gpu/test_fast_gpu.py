@@ -295,6 +295,27 @@ def test_training_with_cuda_graphs_follows_the_eager_run(gpu_tiny_dir, overfit_c
                                msg=lambda m: f"{m}\n{losses}")
 
 
+def test_qlora_training_with_the_dequant_cache_follows_the_eager_run(gpu_tiny_dir, overfit_config, tmp_path, capsys):
+    """lorakit.train on a 4-bit base: compiled with quant.dequant_cache auto (every weight cached on
+    this GPU) gives the eager run's loss per step (no cache there: train.compile false)."""
+    import json
+
+    from lorakit.api import train
+
+    losses = {}
+    for mode in ("false", "true"):
+        cfg = load_config(overfit_config, overrides=[f"model={gpu_tiny_dir}", "method=qlora", f"train.compile={mode}",
+                                                     "train.precision=bf16", "train.batch_size=4",
+                                                     f"output_dir={tmp_path / mode}"])
+        train(cfg)
+        losses[mode] = [json.loads(line)["loss"] for line in open(tmp_path / mode / "metrics.jsonl")]
+    out = capsys.readouterr()
+    assert "dequantization cache: " in out.out + out.err
+    assert losses["false"][-1] < losses["false"][0] - 0.3, losses
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=2e-2, atol=0,
+                               msg=lambda m: f"{m}\n{losses}")
+
+
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_fp8_matmul_matches_its_plain_reference(tmp_path, method):
     """torch._scaled_mm on the tensor cores against the same e4m3 operands multiplied in fp32."""
