@@ -473,7 +473,7 @@ def _varlen_segments(query, key, value, cu, scaling) -> torch.Tensor:
     if key.shape[1] != heads:
         if "enable_gqa" in _VARLEN_ARGS:
             extra["enable_gqa"] = True
-        else:  # torch 2.11: passing fewer k/v heads ran, but the 8B step took 3.8x as long (NOTES, session 9)
+        else:  # torch 2.11 takes fewer k/v heads too (same losses), but its speed is unmeasured (NOTES, session 9)
             k, v = (x.repeat_interleave(heads // key.shape[1], 1) for x in (k, v))
     out = _VARLEN(tokens(query), k, v, cu, cu, length, length, scale=scaling, **extra)
     return out.view(rows, length, heads, dim)
