@@ -978,11 +978,17 @@ def resolve_checkpointing(cfg, device, rows=None) -> tuple[bool, str]:
                 f"{_gib(without.peak_bytes)} of {_gib(p.device_memory)} (off up to {CHECKPOINT_HEADROOM:.0%})")
 
 
+# Peak memory added per byte of bf16 weight copies (fast.cache_dequantized): 7.0 GiB for 6.0 GiB of copies
+# on the 8B QLoRA step (H200, benchmarks/NOTES.md session 9; the compiled layer keeps other tensors
+# around F.linear than around bitsandbytes' opaque matmul).
+CACHE_PEAK_PER_BYTE = 7.0 / 6.0
+
+
 def resolve_dequant_cache(cfg, device, rows=None) -> tuple[float, str]:
     """(bytes, reason) of bf16 weight copies `quant.dequant_cache` allows on `device` (fast.cache_dequantized),
     with method, batch size and checkpointing settled: a CUDA qlora run gets the 4-bit weights' bf16 size
-    or what CHECKPOINT_HEADROOM of the GPU leaves beside the planned peak, whichever is less, capped by
-    a number in the setting."""
+    or what CHECKPOINT_HEADROOM of the GPU leaves beside the planned peak (over CACHE_PEAK_PER_BYTE),
+    whichever is less, capped by a number in the setting."""
     setting = cfg.quant.dequant_cache
     kind = device.kind if isinstance(device, Device) else device.type
     if cfg.method != "qlora" or kind != "cuda" or not setting:
@@ -992,7 +998,7 @@ def resolve_dequant_cache(cfg, device, rows=None) -> tuple[float, str]:
     arch = load_arch(cfg.model, cfg.trust_remote_code)
     step = _find(p.options, "qlora", bool(cfg.train.gradient_checkpointing))
     wanted = arch.layers * arch.layer_linear_params * _bytes(p.precision)
-    free = max(0.0, CHECKPOINT_HEADROOM * p.device_memory - step.peak_bytes)
+    free = max(0.0, CHECKPOINT_HEADROOM * p.device_memory - step.peak_bytes) / CACHE_PEAK_PER_BYTE
     cap = math.inf if setting == "auto" else setting * GiB
     held = min(wanted, free, cap)
     return held, (f"{_gib(held)} of the 4-bit weights' {_gib(wanted)} in bf16: the step needs "

@@ -355,7 +355,8 @@ def test_dequant_cache_takes_what_the_gpu_leaves_beside_the_step(llama8b_dir):
     peak = plan._find(plan.plan(cfg, device=plan.Device("cuda", "L40S", "test GPU", 48 * GiB, True)).options,
                       "qlora", False).peak_bytes
     held, _ = plan.resolve_dequant_cache(cfg, plan.Device("cuda", "L40S", "test GPU", 48 * GiB, True))
-    assert held == pytest.approx(plan.CHECKPOINT_HEADROOM * 48 * GiB - peak) and 0 < held < everything
+    room = plan.CHECKPOINT_HEADROOM * 48 * GiB - peak
+    assert held == pytest.approx(room / plan.CACHE_PEAK_PER_BYTE) and 0 < held < everything
     assert plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H100", "test GPU", peak, True))[0] == 0
     cfg.quant.dequant_cache = 6
     held, reason = plan.resolve_dequant_cache(cfg, plan.Device("cuda", "H200", "test GPU", 141e9, True))
