@@ -193,3 +193,18 @@ def test_collate_pads_to_a_fixed_width():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0]]
     assert batch["attention_mask"].sum().item() == 5 and trained_tokens(batch["labels"]) == 3
     assert collate(rows, pad_id=0, width=2)["input_ids"].shape == (2, 3)  # never cuts a row
+
+
+def test_resume_ignores_the_dequant_cache_but_not_the_quantization(tiny_model_dir):
+    """quant.dequant_cache changes speed, not numbers: a run may resume with another value (and from a
+    checkpoint written before the key existed); quant.type still must match."""
+    from lorakit.train.loop import _changes, run_fingerprint
+
+    def fingerprint(**quant):
+        cfg = load_config(overrides={"model": tiny_model_dir, **{f"quant.{k}": v for k, v in quant.items()}},
+                          require_train=False)
+        return run_fingerprint(cfg, {"fingerprint": "sha256:x"}, tiny_model_dir)
+
+    saved = fingerprint()
+    assert _changes(saved, fingerprint(dequant_cache=6)) == []
+    assert _changes(saved, fingerprint(type="fp4")) == ["quant.type: 'nf4' → 'fp4'"]

@@ -251,7 +251,8 @@ def _resume_point(ckpt_root: Path, fingerprint: dict, force: bool, world_size: i
 
 # Keys a resumed run may change without changing what it computes.
 _RESUME_FREE = ("output_dir", "allow_pickle", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                "train.eval_every", "train.max_bad_steps", "eval.")
+                "train.eval_every", "train.max_bad_steps", "eval.",
+                "quant.dequant_cache")  # the same numbers either way
 
 
 def run_fingerprint(cfg: Config, report: dict, model_path: str) -> dict:
