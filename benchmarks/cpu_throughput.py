@@ -6,11 +6,15 @@ LoRA r=16 alpha=32 dropout 0.05 on all linear layers, loss on the assistant turn
 
 Arms (`--only`):
   trl-seed    TRL SFTTrainer with the seed guide's settings (micro-batch 1 x accumulation 8, packing,
-              max_length 512), LoRA on the fp32 base (4-bit and bf16 are far slower on CPUs without
-              AVX-512 BF16 / AMX: see `matmul` below)
+              max_length 512, a bf16 model with bf16=True), LoRA on the full-precision base (4-bit is
+              far slower on a CPU)
   trl-tuned   the same at micro-batch 8 x accumulation 1
-  lorakit     `lorakit.train` with packing, max_length 512, batch 8, precision auto
-  matmul      one decoder-sized matmul in fp32 and bf16: why precision auto is fp32 on this CPU
+  lorakit     `lorakit.train` with packing, max_length 512, batch 8
+  matmul      one decoder-sized matmul in fp32 and bf16: why precision auto is what it is on this CPU
+
+Every arm runs in `--precision` (default auto: lorakit's rule, bf16 where the CPU has AVX-512 BF16 or
+AMX, else fp32). bf16 is the seed script's own setting; without those units oneDNN emulates bf16 and
+is ~100x slower than fp32 (benchmarks/NOTES.md, session 2), so there the seed arm runs fp32 as well.
 
 Tokens/s counts every token the model runs (padding included, as the arms pad differently: lorakit's
 packed rows carry none), over the steps after the first `--warmup`, on wall time. The lorakit arm also
@@ -18,7 +22,8 @@ reports each step's seconds and the arm's user and system CPU seconds and minor 
 all its system time is step 1 touching the step's memory for the first time (benchmarks/NOTES.md,
 session 4), outside the timed steps.
 
-usage: python benchmarks/cpu_throughput.py [--steps 6] [--warmup 2] [--only ARM ...] [--out FILE]
+usage: python benchmarks/cpu_throughput.py [--steps 6] [--warmup 2] [--only ARM ...] [--precision auto|fp32|bf16]
+                                          [--out FILE]
 """
 
 import argparse
@@ -46,15 +51,14 @@ def _rows(path: Path) -> Path:
     return path
 
 
-def lorakit_arm(steps: int, warmup: int, work: Path) -> dict:
+def lorakit_arm(steps: int, warmup: int, work: Path, precision: str) -> dict:
     import lorakit
-    from lorakit import models
 
     cfg = lorakit.load_config(overrides=[
         f"data.train={_rows(work / 'train.jsonl')}", f"data.max_length={MAX_LENGTH}", "data.packing=true",
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
-        f"train.batch_size={BATCH}", "train.grad_accum=1", f"train.max_steps={steps}", "train.log_every=1",
-        f"train.save_every={steps + 1}", "eval.after_train=false", f"output_dir={work / 'run'}"])
+        f"train.batch_size={BATCH}", "train.grad_accum=1", f"train.precision={precision}",
+        f"train.max_steps={steps}", "train.log_every=1", f"train.save_every={steps + 1}", "eval.after_train=false", f"output_dir={work / 'run'}"])
     before = resource.getrusage(resource.RUSAGE_SELF)
     result = lorakit.train(cfg)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -64,12 +68,12 @@ def lorakit_arm(steps: int, warmup: int, work: Path) -> dict:
     return {"tok_s": sum(r["tokens"] for r in timed) / seconds, "loss": [round(r["loss"], 4) for r in log],
             "tokens_per_step": [r["tokens"] for r in log],
             "step_seconds": [round(r["tokens"] / r["tok_s"], 1) for r in log],
-            "precision": models.resolve_precision("auto", torch.device("cpu")).name,
+            "precision": precision,
             "train_seconds": round(result.seconds, 1), "user_seconds": round(after.ru_utime - before.ru_utime, 1),
             "sys_seconds": round(after.ru_stime - before.ru_stime, 1), "minor_faults": after.ru_minflt - before.ru_minflt}
 
 
-def trl_arm(steps: int, warmup: int, micro: int) -> dict:
+def trl_arm(steps: int, warmup: int, micro: int, precision: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -79,11 +83,12 @@ def trl_arm(steps: int, warmup: int, micro: int) -> dict:
 
     path = models.resolve_model("smollm2-135m")
     tokenizer = models.load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bf16 = precision == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:ROWS]]
     args = SFTConfig(output_dir=tempfile.mkdtemp(), learning_rate=1e-4, per_device_train_batch_size=micro,
                      gradient_accumulation_steps=BATCH // micro, max_steps=steps, logging_steps=1,
-                     save_strategy="no", bf16=False, max_length=MAX_LENGTH, packing=True, report_to=[],
+                     save_strategy="no", bf16=bf16, max_length=MAX_LENGTH, packing=True, report_to=[],
                      use_cpu=True, dataloader_num_workers=0, assistant_only_loss=False)
     peft = LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=LORA["r"], lora_alpha=LORA["alpha"],
                       lora_dropout=LORA["dropout"], bias="none")
@@ -99,7 +104,7 @@ def trl_arm(steps: int, warmup: int, micro: int) -> dict:
     trainer.train()
     (t0, n0, _), (t1, n1, _) = log[warmup - 1], log[-1]
     return {"tok_s": (n1 - n0) / (t1 - t0), "loss": [round(x, 4) for _, _, x in log],
-            "tokens_per_step": [round(b[1] - a[1]) for a, b in zip(log, log[1:])], "precision": "fp32"}
+            "tokens_per_step": [round(b[1] - a[1]) for a, b in zip(log, log[1:])], "precision": precision}
 
 
 def matmul_arm() -> dict:
@@ -115,8 +120,8 @@ def matmul_arm() -> dict:
     return out
 
 
-ARMS = {"lorakit": lorakit_arm, "trl-seed": lambda s, w, _: trl_arm(s, w, 1),
-        "trl-tuned": lambda s, w, _: trl_arm(s, w, BATCH), "matmul": lambda *_: matmul_arm()}
+ARMS = {"lorakit": lorakit_arm, "trl-seed": lambda s, w, _, p: trl_arm(s, w, 1, p),
+        "trl-tuned": lambda s, w, _, p: trl_arm(s, w, BATCH, p), "matmul": lambda *_: matmul_arm()}
 
 
 def main() -> None:
@@ -124,19 +129,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=["matmul", "lorakit", "trl-seed", "trl-tuned"])
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--out", default=f"benchmarks/results/cpu_throughput_{datetime.date.today()}.json")
     args = parser.parse_args()
     import peft
     import transformers
 
     import lorakit
+    from lorakit import models
 
+    precision = models.resolve_precision(args.precision, torch.device("cpu")).name
     results = []
     for name in args.only:
         with tempfile.TemporaryDirectory() as work:
             load = os.getloadavg()[0]
             started = time.time()
-            result = {"arm": name, **ARMS[name](args.steps, args.warmup, Path(work)),
+            result = {"arm": name, **ARMS[name](args.steps, args.warmup, Path(work), precision),
                       "seconds": round(time.time() - started, 1), "load_before": round(load, 2),
                       "load_after": round(os.getloadavg()[0], 2)}
         print(json.dumps(result), flush=True)
@@ -151,9 +159,11 @@ def main() -> None:
         pass
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     doc = {"date": str(datetime.date.today()), "what": "training tokens/s on CPU, lorakit vs TRL (seed settings)",
-           "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+           "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                       "bf16_units": models.cpu_has_fast_bf16()},
            "settings": {"model": "smollm2-135m", "rows": ROWS, "max_length": MAX_LENGTH, "rows_per_step": BATCH,
-                        "lora": LORA, "steps": args.steps, "warmup": args.warmup},
+                        "lora": LORA, "steps": args.steps, "warmup": args.warmup,
+                        "precision": precision},
            "versions": versions, "results": results}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")

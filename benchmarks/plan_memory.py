@@ -85,12 +85,13 @@ def arch_config(name: str) -> dict:
     return TINY if name == "tiny" else plan.ARCHS[name]
 
 
-def predicted(c: dict, device: str) -> plan.Memory:
+def predicted(c: dict, device: str, precision: str | None = None) -> plan.Memory:
     from lorakit.train.batches import trained_tokens
 
     arch = plan.arch_from_config(arch_config(c["arch"]))
     trained = trained_tokens(make_batch(c, arch.vocab, "cpu")["labels"])
-    step = plan.Step(c["method"], device, "bf16" if device == "cuda" else "fp32", c["gc"], c["rows"], c["seq"],
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    step = plan.Step(c["method"], device, precision, c["gc"], c["rows"], c["seq"],
                      trained, c["masked"], dropout=c["dropout"])
     return plan.step_memory(arch, step)
 

@@ -162,8 +162,11 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
     return Precision(setting, dtypes[setting])
 
 
-def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.device):
-    """The frozen base model: weights in fp32 (lora; autocast runs the matmuls) or NF4 (qlora)."""
+def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.device, training: bool = False):
+    """The frozen base model: NF4 weights (qlora), or for lora weights in the run's precision on CUDA and
+    in fp32 on the CPU, where eval folds the adapter into fp32 weights (eval/generate.py). `training`:
+    the CPU keeps them in the run's 16-bit precision too, as autocast would round them to it at every
+    matmul anyway (half the memory, no copy per call; benchmarks/NOTES.md, session 10)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32,
@@ -180,7 +183,7 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
         )
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": _device_map_target(device)}
-    elif device.type == "cuda" and precision.name != "fp32":
+    elif precision.name != "fp32" and (device.type == "cuda" or training):
         kwargs["dtype"] = precision.dtype  # base weights are frozen: 16-bit halves memory at no cost
     check_remote_code(model_path, cfg.trust_remote_code)
     try:
@@ -225,6 +228,12 @@ def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    for m in peft_model.modules():
+        # bitsandbytes, on CPUs with AVX512-BF16, repacks a 4-bit weight at its first forward in eval mode
+        # (evaluate_loss) for a bf16 inference kernel: every later training forward then computes in
+        # bf16 and passes no gradient back to the layer's input.
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
     from lorakit.train import fast
 
     if next(peft_model.parameters()).device.type == "cpu":

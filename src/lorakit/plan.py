@@ -228,10 +228,9 @@ def _bytes(precision: str) -> int:
 
 
 def base_weight_bytes(arch: Arch, step: Step) -> float:
-    """The frozen base as load_base holds it."""
-    w = _bytes(step.precision) if step.device == "cuda" else 4  # CPU lora loads fp32 weights
+    """The frozen base as load_base holds it for training."""
     if step.method == "lora":
-        return arch.params * w
+        return arch.params * _bytes(step.precision)
     compute = _bytes(step.precision)
     quantized = arch.layers * arch.layer_linear_params
     per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if step.double_quant else 4 / 64)
@@ -253,7 +252,7 @@ def _resident_checkpoint(arch: Arch, step: Step) -> float:
 
 def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     """(bytes per token, bytes per layer independent of tokens) autograd keeps for one layer."""
-    a = _bytes(step.precision)  # activation dtype: autocast/16-bit base on CUDA, fp32 on CPU
+    a = _bytes(step.precision)  # activation dtype: 16-bit under autocast (the base is 16-bit too)
     autocast = a == 2
     cuda = step.device == "cuda"
     d, i, q, kv, h = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim, arch.heads
@@ -267,8 +266,8 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     per_token += 3 * a * i  # gate output, act(gate), up output
 
     # What each LoRA layer keeps: the input of lora_A (and the dropout mask), and lora_A's output.
-    # method lora under autocast: PEFT casts x to fp32 for the fp32 adapter, autocast casts it back
-    # to 16-bit, a new tensor per LoRA layer. Otherwise x itself is kept, shared by the layers of a
+    # method lora under autocast on CUDA: PEFT casts x to fp32 for the fp32 adapter, autocast casts it
+    # back to 16-bit, a new tensor per LoRA layer (train's CPU loop turns PEFT's cast off). Otherwise x itself is kept, shared by the layers of a
     # group, unless dropout makes a new tensor per layer. Dropout keeps a bool mask (CUDA's, and
     # lorakit's BytesDropout on CPU).
     per_layer = 0.0
@@ -277,7 +276,7 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
         if not targeted:
             continue
         n = targeted[0].n_in
-        cast = step.method == "lora" and autocast
+        cast = step.method == "lora" and autocast and cuda
         mask = 1 if step.dropout > 0 else 0
         if cast or step.dropout > 0:
             per_token += len(targeted) * n * (a + mask)
@@ -298,7 +297,7 @@ def _layer_backward(arch: Arch, step: Step) -> float:
     drop = step.dropout > 0
     if _bytes(step.precision) == 4:
         return 4 * i + 16 * d if drop else 6 * i + 8 * d
-    if step.method == "lora":  # PEFT's fp32 cast of x under autocast
+    if step.method == "lora" and step.device == "cuda":  # PEFT's fp32 cast of x under autocast
         return 10 * i + 6 * d if drop else 6 * i + 10 * d
     return max(2 * i + 10 * d, 20 * d) if drop else max(4 * i, 20 * d)
 
@@ -403,8 +402,7 @@ def _loss_peak(arch: Arch, step: Step, trained: int) -> float:
         units = max(10 * first, 8 * first + 6 * later if later else 0, 4 * first + 8 * later)
     else:
         units = max(8 * first, 8 * first + 4 * later if later else 0, 4 * first + 8 * later)
-    weight_copy = V * arch.hidden * a if (a == 2 and step.device == "cpu" and step.method == "lora") else 0
-    return V * units + weight_copy + 2 * a * arch.hidden * trained
+    return V * units + 2 * a * arch.hidden * trained
 
 
 def step_memory(arch: Arch, step: Step) -> Memory:

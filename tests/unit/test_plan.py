@@ -218,24 +218,30 @@ def test_compiled_layer_keeps_what_the_planner_counts(monkeypatch, tmp_path, bud
     assert measured == per_token * rows * seq + per_layer
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("case", [dict(rows=4, seq=96), dict(rows=2, seq=128, masked=True, trained=0.2, dropout=0.0)])
-def test_predicted_allocation_matches_a_real_cpu_step(case):
-    """The allocator's own peak (torch profiler memory events) of lorakit's step on a tiny model."""
+def test_predicted_allocation_matches_a_real_cpu_step(case, precision):
+    """The allocator's own peak (torch profiler memory events) of lorakit's step on a tiny model; bf16
+    as train runs it on the CPU: a bf16 base under autocast, PEFT's input cast off."""
     bench = _bench()
     torch.manual_seed(0)
     c = bench.config("tiny", "tiny", "lora", case["rows"], case["seq"], masked=case.get("masked", False),
                      trained=case.get("trained", 1.0), dropout=case.get("dropout", 0.05))
+    from peft.helpers import disable_input_dtype_casting
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorakit import models
 
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[precision])
     spec = {k: v for k, v in bench.TINY.items() if k != "model_type"}
-    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **spec), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **spec), dtype=dtype)
     base.config.use_cache = False
     base.requires_grad_(False)
     model = models.attach_lora(base, bench.lorakit_config("tiny", "lora", c["dropout"]), False)
-    measured = bench._allocator_peak(model, bench.make_batch(c, base.config.vocab_size, "cpu"))
-    predicted = bench.predicted(c, "cpu").allocated
+    with torch.autocast("cpu", dtype=dtype, enabled=precision != "fp32"), \
+            disable_input_dtype_casting(model, active=precision != "fp32"):
+        measured = bench._allocator_peak(model, bench.make_batch(c, base.config.vocab_size, "cpu"))
+    predicted = bench.predicted(c, "cpu", precision).allocated
     assert predicted == pytest.approx(measured, rel=0.05)
 
 

@@ -208,3 +208,71 @@ def test_resume_ignores_the_dequant_cache_but_not_the_quantization(tiny_model_di
     saved = fingerprint()
     assert _changes(saved, fingerprint(dequant_cache=6)) == []
     assert _changes(saved, fingerprint(type="fp4")) == ["quant.type: 'nf4' → 'fp4'"]
+
+
+def test_cpu_bf16_training_lets_autocast_cast_lora_inputs_with_the_same_numbers(tiny_model_dir):
+    """train's CPU bf16 step: the frozen base in bf16, and LoRA layers given their bf16 input as it is
+    (autocast casts it for lora_A) instead of PEFT's fp32 copy. Loss and gradients equal PEFT's path
+    to the bit; the input cast is back on after the loop, so the trained model runs outside autocast."""
+    from lorakit import models
+    from lorakit.train import fast
+    from lorakit.train.loop import _autocast_inputs
+
+    cpu = torch.device("cpu")
+    precision = models.resolve_precision("bf16", cpu)
+    cfg = load_config(overrides={"model": tiny_model_dir, "lora.dropout": 0.2}, require_train=False)
+    base = models.load_base(cfg, tiny_model_dir, precision, cpu, training=True)
+    assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+    model = models.attach_lora(base, cfg, False)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, fast.BytesDropout):
+            m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    batch = _batch(pad_id=2)
+
+    def step(skip_cast: bool):
+        seen.clear()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                _autocast_inputs(model, cpu, precision if skip_cast else models.resolve_precision("fp32", cpu)):
+            loss = loss_sum(model, batch)
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        return loss, grads, set(seen)
+
+    peft_loss, peft_grads, peft_inputs = step(False)
+    loss, grads, inputs = step(True)
+    assert peft_inputs == {torch.float32} and inputs == {torch.bfloat16}  # PEFT upcasts every one
+    assert torch.equal(loss, peft_loss) and all(torch.equal(a, b) for a, b in zip(grads, peft_grads))
+    with torch.no_grad():  # outside autocast: PEFT casts the bf16 input for the fp32 adapter again
+        model(input_ids=batch["input_ids"])
+
+
+def test_qlora_trains_the_same_after_an_evaluation(tiny_model_dir):
+    """An eval-mode forward (evaluate_loss) must not change how the 4-bit layers train. bitsandbytes on a
+    CPU with AVX512-BF16 repacks the weight then, for a kernel that computes in bf16 and gives the layer's
+    input no gradient; attach_lora turns that off (this test fails without it on such a CPU)."""
+    from lorakit import models
+
+    cpu = torch.device("cpu")
+    cfg = load_config(overrides={"model": tiny_model_dir, "method": "qlora", "lora.dropout": 0.0},
+                      require_train=False)
+    model = models.attach_lora(models.load_base(cfg, tiny_model_dir, models.resolve_precision("fp32", cpu), cpu,
+                                                training=True), cfg, False)
+    batch = _batch(pad_id=2)
+
+    def loss_and_grads():
+        model.train()
+        loss = loss_sum(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    before = loss_and_grads()
+    model.eval()
+    with torch.no_grad():
+        loss_sum(model, batch)
+    after = loss_and_grads()
+    assert torch.equal(before[0], after[0]) and all(torch.equal(a, b) for a, b in zip(before[1], after[1]))

@@ -79,7 +79,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
         dump_config(cfg, out / "config.yaml")
     console.data_summary(report)
 
-    base = models.load_base(cfg, model_path, precision, accelerator.device)
+    base = models.load_base(cfg, model_path, precision, accelerator.device, training=True)
     checkpointing = cfg.train.gradient_checkpointing  # settled by _resolve_auto
     model = models.attach_lora(base, cfg, checkpointing)
     if cfg.train.compile and cfg.train.distributed != "fsdp":  # compiled layers under FSDP: not yet measured
@@ -108,7 +108,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
                        schedule, model)
     last_loss, bad_steps = math.nan, []
     with _StopFlag() as stop, open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
-            console.progress(total, step, cfg.train.log_every) as bar:
+            console.progress(total, step, cfg.train.log_every) as bar, \
+            _autocast_inputs(model, accelerator.device, precision):
         def micro_batches(step: int) -> tuple[list[dict], int, int]:
             """This process's micro-batches of `step`, with the step's trained and real tokens on all processes."""
             shares = schedule.step_indices(step, accelerator.process_index)
@@ -297,6 +298,17 @@ def _hash_files(root: Path, names: list[str], content: bool) -> str:
             h.update(name.encode())
             h.update(p.read_bytes() if content else str(p.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+def _autocast_inputs(model, device: torch.device, precision: models.Precision):
+    """While training on the CPU in 16 bits: LoRA layers take their input as it comes, and autocast
+    casts it for lora_A (every step runs under autocast). PEFT would cast each 16-bit input up to the
+    fp32 adapter's dtype, a copy that autocast casts back down, and dropout would run on the fp32 copy.
+    Same numbers (tests/unit/test_train_parts.py); with the 16-bit base, 8% less time per step of
+    SmolLM2-135M (benchmarks/NOTES.md, session 10). Not yet measured on CUDA's compiled layers."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=device.type == "cpu" and precision.name != "fp32")
 
 
 def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int, step: int) -> torch.Tensor:
