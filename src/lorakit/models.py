@@ -5,6 +5,7 @@
 HF-format copy under `$LORAKIT_HOME/models/`; later loads read the cache.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -199,6 +200,24 @@ def load_base(cfg: Config, model_path: str, precision: Precision, device: torch.
     return model
 
 
+@contextlib.contextmanager
+def dequantizing_4bit(model):
+    """bitsandbytes' 4-bit layers of `model` keep dequantize-then-matmul while the body runs. On CPUs
+    with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first eval-mode forward without
+    gradients, for an inference kernel that computes in bf16 and passes no gradient back to the
+    layer's input; and a repacked weight no longer dequantizes with `dequantize_4bit`. So training
+    (evaluate_loss runs in eval mode between steps) and merging keep the plain path; outside them,
+    generation may take the fast kernel."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.support_avx512bf16_for_cpu = True
+
+
 def _device_map_target(device: torch.device) -> int | str:
     """Where transformers should put every 4-bit layer: a CUDA index (`cuda` alone means the current one)."""
     if device.type != "cuda":
@@ -228,12 +247,6 @@ def attach_lora(model, cfg: Config, gradient_checkpointing: bool):
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    for m in peft_model.modules():
-        # bitsandbytes, on CPUs with AVX512-BF16, repacks a 4-bit weight at its first forward in eval mode
-        # (evaluate_loss) for a bf16 inference kernel: every later training forward then computes in
-        # bf16 and passes no gradient back to the layer's input.
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
     from lorakit.train import fast
 
     if next(peft_model.parameters()).device.type == "cpu":

@@ -26,12 +26,18 @@ def test_dequant_cache_trains_on_the_numbers_bitsandbytes_computes(tiny_model_di
     own matmul, caches whole weights only while the budget lasts, runs bitsandbytes' path in eval mode,
     and leaves the state dict as it was."""
     from lorakit.config import load_config
-    from lorakit.train.loss import reference_loss_sum
 
     cfg = load_config(overrides={"model": tiny_model_dir, "method": "qlora", "lora.dropout": 0.0},
                       require_train=False)
     model = models.attach_lora(models.load_base(cfg, tiny_model_dir, models.resolve_precision("fp32", torch.device("cpu")),
                                                   torch.device("cpu")), cfg, False)
+    with models.dequantizing_4bit(model):  # as train runs it: no CPU repacking in eval mode
+        _check_dequant_cache(model)
+
+
+def _check_dequant_cache(model):
+    from lorakit.train.loss import reference_loss_sum
+
     for name, p in model.named_parameters():  # B = 0 would hide the adapter from the loss
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

@@ -216,7 +216,7 @@ def test_cpu_bf16_training_lets_autocast_cast_lora_inputs_with_the_same_numbers(
     to the bit; the input cast is back on after the loop, so the trained model runs outside autocast."""
     from lorakit import models
     from lorakit.train import fast
-    from lorakit.train.loop import _autocast_inputs
+    from lorakit.train.loop import _training_forward
 
     cpu = torch.device("cpu")
     precision = models.resolve_precision("bf16", cpu)
@@ -234,7 +234,7 @@ def test_cpu_bf16_training_lets_autocast_cast_lora_inputs_with_the_same_numbers(
         seen.clear()
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16), \
-                _autocast_inputs(model, cpu, precision if skip_cast else models.resolve_precision("fp32", cpu)):
+                _training_forward(model, cpu, precision if skip_cast else models.resolve_precision("fp32", cpu)):
             loss = loss_sum(model, batch)
             loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -252,8 +252,10 @@ def test_cpu_bf16_training_lets_autocast_cast_lora_inputs_with_the_same_numbers(
 def test_qlora_trains_the_same_after_an_evaluation(tiny_model_dir):
     """An eval-mode forward (evaluate_loss) must not change how the 4-bit layers train. bitsandbytes on a
     CPU with AVX512-BF16 repacks the weight then, for a kernel that computes in bf16 and gives the layer's
-    input no gradient; attach_lora turns that off (this test fails without it on such a CPU)."""
+    input no gradient; train's loop turns that off while it runs (this test fails without it on such a
+    CPU, and passes trivially on others)."""
     from lorakit import models
+    from lorakit.train.loop import _training_forward
 
     cpu = torch.device("cpu")
     cfg = load_config(overrides={"model": tiny_model_dir, "method": "qlora", "lora.dropout": 0.0},
@@ -270,9 +272,10 @@ def test_qlora_trains_the_same_after_an_evaluation(tiny_model_dir):
         model.zero_grad(set_to_none=True)
         return loss.detach(), grads
 
-    before = loss_and_grads()
-    model.eval()
-    with torch.no_grad():
-        loss_sum(model, batch)
-    after = loss_and_grads()
+    with _training_forward(model, cpu, models.resolve_precision("fp32", cpu)):
+        before = loss_and_grads()
+        model.eval()
+        with torch.no_grad():
+            loss_sum(model, batch)
+        after = loss_and_grads()
     assert torch.equal(before[0], after[0]) and all(torch.equal(a, b) for a, b in zip(before[1], after[1]))

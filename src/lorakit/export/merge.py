@@ -115,10 +115,11 @@ def merge_verified(run: Run, dtype: str = "fp32") -> MergeResult:
     device = models.default_device()
     prompts = check_prompts(run)
     trained = compute_in_fp32(load_trained(run, device))
-    reference = logits(trained, prompts)
-    with trained.disable_adapter():
-        effect = max_diff(logits(trained, prompts), reference)
-    merged = merged_model(run, trained_base=trained.unload())
+    with models.dequantizing_4bit(trained):  # fp32 matmuls, and weights `_dequantized` can read
+        reference = logits(trained, prompts)
+        with trained.disable_adapter():
+            effect = max_diff(logits(trained, prompts), reference)
+        merged = merged_model(run, trained_base=trained.unload())
     del trained  # the quantized base: no longer needed, and as large as a 4-bit copy of the model
     diff = max_diff(logits(_rounded(merged, DTYPES[dtype]), prompts), reference)
     into = describe_base(run.cfg)

@@ -109,7 +109,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> TrainResult
     last_loss, bad_steps = math.nan, []
     with _StopFlag() as stop, open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
             console.progress(total, step, cfg.train.log_every) as bar, \
-            _autocast_inputs(model, accelerator.device, precision):
+            _training_forward(model, accelerator.device, precision):
         def micro_batches(step: int) -> tuple[list[dict], int, int]:
             """This process's micro-batches of `step`, with the step's trained and real tokens on all processes."""
             shares = schedule.step_indices(step, accelerator.process_index)
@@ -300,15 +300,20 @@ def _hash_files(root: Path, names: list[str], content: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def _autocast_inputs(model, device: torch.device, precision: models.Precision):
-    """While training on the CPU in 16 bits: LoRA layers take their input as it comes, and autocast
-    casts it for lora_A (every step runs under autocast). PEFT would cast each 16-bit input up to the
-    fp32 adapter's dtype, a copy that autocast casts back down, and dropout would run on the fp32 copy.
-    Same numbers (tests/unit/test_train_parts.py); with the 16-bit base, 8% less time per step of
-    SmolLM2-135M (benchmarks/NOTES.md, session 10). Not yet measured on CUDA's compiled layers."""
+@contextlib.contextmanager
+def _training_forward(model, device: torch.device, precision: models.Precision):
+    """How the model runs while train's loop does: 4-bit layers dequantize then multiply, in evaluate_loss
+    too (`models.dequantizing_4bit`). Training on the CPU in 16 bits, LoRA layers take their input as
+    it comes and autocast casts it for lora_A (every step runs under autocast): PEFT would cast each
+    16-bit input up to the fp32 adapter's dtype, a copy that autocast casts back down, with dropout run
+    on the fp32 copy. Same numbers (tests/unit/test_train_parts.py); with the 16-bit base, 8% less time
+    per step of SmolLM2-135M (benchmarks/NOTES.md, session 10). Not yet measured on CUDA's compiled
+    layers. Afterwards the model runs as one loaded from the saved adapter."""
     from peft.helpers import disable_input_dtype_casting
 
-    return disable_input_dtype_casting(model, active=device.type == "cpu" and precision.name != "fp32")
+    with models.dequantizing_4bit(model), \
+            disable_input_dtype_casting(model, active=device.type == "cpu" and precision.name != "fp32"):
+        yield
 
 
 def _accumulate(accelerator, model: TokenLoss, micro: list[dict], n_trained: int, step: int) -> torch.Tensor:
