@@ -3,7 +3,7 @@
 The memory model follows lorakit's own training step (`train/loop.py`, `train/loss.py`,
 `models.load_base` / `attach_lora`) tensor by tensor, from the model's config alone:
 
-* base weights: 16-bit on CUDA (fp32 on CPU) for lora; for qlora NF4 (0.5 byte/param) plus its
+* base weights: in the run's precision for lora (16-bit under bf16/fp16, on the CPU too); for qlora NF4 (0.5 byte/param) plus its
   absmax constants (1 byte per 64 weights double-quantized, 4 without) on the decoder's linear
   layers, while embeddings, norms and lm_head stay in the compute dtype;
 * the adapter: fp32 LoRA weights and their AdamW moments; gradients at the optimizer step;
@@ -291,8 +291,9 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
 def _layer_backward(arch: Arch, step: Step) -> float:
     """Gradient buffers alive at once in one layer's backward, per token. The largest moment is the
     down projection's LoRA backward: the gradient runs back through autocast's cast (16-bit), PEFT's
-    fp32 cast and the dropout, so 2 + 4 + 4 bytes per intermediate feature are alive together.
-    Measured on CPU with the allocator's own events for each regime (docs/plan.md)."""
+    fp32 cast (CUDA; train's CPU loop turns it off) and the dropout, so 2 + 4 + 4 bytes per intermediate
+    feature are alive together. Measured on CPU with the allocator's own events for each regime
+    (docs/plan.md)."""
     d, i = arch.hidden, arch.intermediate
     drop = step.dropout > 0
     if _bytes(step.precision) == 4:
