@@ -307,8 +307,9 @@ def _training_forward(model, device: torch.device, precision: models.Precision):
     it comes and autocast casts it for lora_A (every step runs under autocast): PEFT would cast each
     16-bit input up to the fp32 adapter's dtype, a copy that autocast casts back down, with dropout run
     on the fp32 copy. Same numbers (tests/unit/test_train_parts.py); with the 16-bit base, 8% less time
-    per step of SmolLM2-135M (benchmarks/NOTES.md, session 10). Not yet measured on CUDA's compiled
-    layers. Afterwards the model runs as one loaded from the saved adapter."""
+    per step of SmolLM2-135M (benchmarks/NOTES.md, session 10). CUDA keeps PEFT's casts: its compiled
+    layers ran the 8B alike without them (16,120 against 16,103 tok/s on an H200). Afterwards the model
+    runs as one loaded from the saved adapter."""
     from peft.helpers import disable_input_dtype_casting
 
     with models.dequantizing_4bit(model), \
