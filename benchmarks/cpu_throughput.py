@@ -58,7 +58,8 @@ def lorakit_arm(steps: int, warmup: int, work: Path, precision: str) -> dict:
         f"data.train={_rows(work / 'train.jsonl')}", f"data.max_length={MAX_LENGTH}", "data.packing=true",
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
         f"train.batch_size={BATCH}", "train.grad_accum=1", f"train.precision={precision}",
-        f"train.max_steps={steps}", "train.log_every=1", f"train.save_every={steps + 1}", "eval.after_train=false", f"output_dir={work / 'run'}"])
+        f"train.max_steps={steps}", "train.log_every=1", f"train.save_every={steps + 1}", "eval.after_train=false",
+        f"output_dir={work / 'run'}"])
     before = resource.getrusage(resource.RUSAGE_SELF)
     result = lorakit.train(cfg)
     after = resource.getrusage(resource.RUSAGE_SELF)

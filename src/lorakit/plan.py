@@ -3,9 +3,9 @@
 The memory model follows lorakit's own training step (`train/loop.py`, `train/loss.py`,
 `models.load_base` / `attach_lora`) tensor by tensor, from the model's config alone:
 
-* base weights: in the run's precision for lora (16-bit under bf16/fp16, on the CPU too); for qlora NF4 (0.5 byte/param) plus its
-  absmax constants (1 byte per 64 weights double-quantized, 4 without) on the decoder's linear
-  layers, while embeddings, norms and lm_head stay in the compute dtype;
+* base weights: in the run's precision for lora (16-bit under bf16/fp16, on the CPU too); for qlora
+  NF4 (0.5 byte/param) plus its absmax constants (1 byte per 64 weights double-quantized, 4 without)
+  on the decoder's linear layers, while embeddings, norms and lm_head stay in the compute dtype;
 * the adapter: fp32 LoRA weights and their AdamW moments; gradients at the optimizer step;
 * activations autograd keeps per token and layer (`_layer_activations`): what PEFT's LoRA path
   saves (its own casts and dropout masks; frozen weights save nothing for the backward), the
@@ -267,9 +267,9 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
 
     # What each LoRA layer keeps: the input of lora_A (and the dropout mask), and lora_A's output.
     # method lora under autocast on CUDA: PEFT casts x to fp32 for the fp32 adapter, autocast casts it
-    # back to 16-bit, a new tensor per LoRA layer (train's CPU loop turns PEFT's cast off). Otherwise x itself is kept, shared by the layers of a
-    # group, unless dropout makes a new tensor per layer. Dropout keeps a bool mask (CUDA's, and
-    # lorakit's BytesDropout on CPU).
+    # back to 16-bit, a new tensor per LoRA layer (train's CPU loop turns PEFT's cast off). Otherwise
+    # x itself is kept, shared by the layers of a group, unless dropout makes a new tensor per layer.
+    # Dropout keeps a bool mask (CUDA's, and lorakit's BytesDropout on CPU).
     per_layer = 0.0
     for group in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
         targeted = [l for l in arch.targeted(step.targets) if l.group == group]
