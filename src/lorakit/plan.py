@@ -488,6 +488,7 @@ class Measured:
     tok_s: float
     source: str
     compiled: bool = False  # the compiled CUDA step (fast.speedups) rather than the eager one
+    precision: str = ""  # "" = bf16 on CUDA, fp32 on the CPU
 
 
 # Architectures of the measured anchors (random-init models of these configs; sizes from
@@ -512,6 +513,7 @@ ARCHS = {
 _H200 = "H200 2026-11-29, benchmarks/results/plan_memory_2026-11-29.json"
 _RUNS = "H200 2026-11-29, benchmarks/results/gpu_throughput_2026-11-29_{}.json"
 _DEMO = "2-core AMD EPYC, fp32: the demo's 24 steps x 8 rows in ~2.5 min (examples/support_tickets)"
+_DEMO_BF16 = "2-core AMD EPYC with AVX-512 BF16, bf16: the demo's steps 3-24 in 2026-11-30's fresh-clone run"
 MEASURED = [  # tokens/s over optimizer steps 3-6, random tokens, every token trained, dropout 0.05
     Measured("H200", "qwen3-0.6b", "lora", False, 4, 512, 11463, _H200),
     Measured("H200", "qwen3-0.6b", "lora", False, 4, 2048, 36380, _H200),
@@ -524,6 +526,7 @@ MEASURED = [  # tokens/s over optimizer steps 3-6, random tokens, every token tr
     Measured("H200", "llama-3.1-8b", "qlora", False, 4, 2048, 11427, _H200),
     Measured("H200", "llama-3.1-8b", "qlora", True, 4, 2048, 7996, _H200),
     Measured("cpu", "smollm2-135m", "lora", False, 8, 128, 150, _DEMO),
+    Measured("cpu", "smollm2-135m", "lora", False, 8, 128, 338, _DEMO_BF16, precision="bf16"),
     # the compiled step (train.compile on, the default on CUDA): benchmarks/gpu_throughput.py, steps 4-8,
     # random full rows, 16,384 tokens per optimizer step, dropout 0.05 but where the file says 0
     Measured("H200", "llama-3.1-8b", "qlora", False, 4, 2048, 15632,
@@ -556,8 +559,8 @@ def step_flops(arch: Arch, step: Step) -> float:
 
 def _anchor_step(m: Measured) -> tuple[Arch, Step]:
     device = "cpu" if m.device == "cpu" else "cuda"
-    step = Step(m.method, device, "fp32" if device == "cpu" else "bf16", m.checkpointing, m.rows, m.seq,
-                m.rows * (m.seq - 1), masked=False, compiled=m.compiled)
+    step = Step(m.method, device, m.precision or ("fp32" if device == "cpu" else "bf16"), m.checkpointing, m.rows,
+                m.seq, m.rows * (m.seq - 1), masked=False, compiled=m.compiled)
     return arch_from_config(ARCHS[m.model]), step
 
 
@@ -578,6 +581,8 @@ def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
     checkpointing preferred) are averaged and applied to this step's FLOPs and this device's peak."""
     table = "cpu" if device == "cpu" else "H200"
     anchors = [m for m in MEASURED if m.device == table and m.compiled == step.compiled]
+    if table == "cpu":  # anchors of the step's precision: the demo ran 2.3x faster in bf16 (AVX-512 BF16)
+        anchors = [m for m in anchors if _anchor_step(m)[1].precision == step.precision] or anchors
     method = step.method if table != "cpu" else "lora"  # CPU: qlora has no anchor of its own
     for m in anchors:
         a, s = _anchor_step(m)
@@ -597,7 +602,7 @@ def throughput(arch: Arch, step: Step, device: str) -> tuple[float, str]:
     how = f"extrapolated by FLOPs from {'compiled ' if step.compiled else ''}" + " and ".join(
         f"{m.model} {m.method}{' +gc' if m.checkpointing else ''} {m.rows}x{m.seq}" for m in nearest)
     if device == "cpu":
-        how += f" on {CPU_CORES_MEASURED} cores, scaled to {os.cpu_count()}"
+        how += f" ({step.precision}) on {CPU_CORES_MEASURED} cores, scaled to {os.cpu_count()}"
         if step.method == "qlora":
             how += " (qlora on CPU: as fast as lora, not measured apart)"
     elif device != "H200":
