@@ -180,6 +180,7 @@ class Step:
     targets: str | tuple = "all-linear"
     double_quant: bool = True
     compiled: bool = False  # decoder layers compiled (CUDA, train.compile on); False: the eager step
+    packed: bool = False  # rows of several examples (data.packing): on the CPU, attention example by example
 
     @property
     def tokens(self) -> int:
@@ -264,6 +265,8 @@ def _layer_activations(arch: Arch, step: Step) -> tuple[float, float]:
     if step.masked:
         per_token += a * step.seq  # SDPA turns the bool mask into a float one per layer and keeps it
     per_token += 3 * a * i  # gate output, act(gate), up output
+    if step.packed and not cuda and autocast:  # examples up to fast.MATH_SEGMENT tokens: SDPA's math kernel
+        per_token += 4 * (3 * q + h * min(step.seq, fast.MATH_SEGMENT))  # fp32 q, k, v per head, and weights
 
     # What each LoRA layer keeps: the input of lora_A (and the dropout mask), and lora_A's output.
     # method lora under autocast on CUDA: PEFT casts x to fp32 for the fp32 adapter, autocast casts it
@@ -865,7 +868,7 @@ def _step(cfg, device: Device, precision: str, work: Workload, rows: int, method
     width = width or work.width
     trained = trained or rows * min(work.row_trained, width)
     return Step(method, device.kind, precision, gc, rows, width, trained, work.masked, cfg.lora.r,
-                cfg.lora.dropout, _targets(cfg), cfg.quant.double_quant, _compiles(cfg, device))
+                cfg.lora.dropout, _targets(cfg), cfg.quant.double_quant, _compiles(cfg, device), cfg.data.packing)
 
 
 def _compiles(cfg, device: Device) -> bool:

@@ -411,3 +411,40 @@ def test_segment_attention_matches_the_block_diagonal_mask(tiny_model_dir, monke
     got = loss_and_grads(plain)
     assert not calls  # no segments: SDPA with transformers' mask
     torch.testing.assert_close(got[0], plain_reference[0], rtol=0, atol=0)
+
+
+def test_bf16_segments_take_the_math_kernel_when_short_and_stay_exact():
+    """CPU packed rows in bf16: examples up to fast.MATH_SEGMENT tokens go to SDPA's math kernel,
+    longer ones to the flash kernel; outputs and gradients stay within bf16 rounding of fp64 causal
+    attention computed example by example."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    lengths = [5, fast.MATH_SEGMENT, fast.MATH_SEGMENT + 40, 19]
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, h, total, 16, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    grad = torch.randn(4, total, 16, dtype=torch.bfloat16)
+    used = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        used.append((query.shape[2], torch._C._get_math_sdp_enabled(), torch._C._get_flash_sdp_enabled()))
+        return sdpa(query, *args, **kwargs)
+
+    with mock.patch.object(fast.F, "scaled_dot_product_attention", spy):
+        out = fast._attend_segments(q, k, v, lengths, None)
+    out.backward(grad)
+    assert used == [(n, True, n > fast.MATH_SEGMENT) for n in lengths]  # the math kernel alone for short ones
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    parts, at = [], 0
+    for n in lengths:
+        s = slice(at, at + n)
+        parts.append(F.scaled_dot_product_attention(q64[:, :, s], k64[:, :, s], v64[:, :, s], is_causal=True,
+                                                    enable_gqa=True)[0])
+        at += n
+    want = torch.cat(parts, 1)
+    want.backward(grad.double())
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=3e-2)

@@ -42,6 +42,7 @@ compares each compiled path with the eager reference on fresh random inputs; ben
 the measurements.
 """
 
+import contextlib
 import functools
 import inspect
 import re
@@ -480,15 +481,27 @@ def _varlen_segments(query, key, value, cu, scaling) -> torch.Tensor:
     return out.view(rows, length, heads, dim)
 
 
+# In 16 bits, examples up to this many tokens take SDPA's math kernel on the CPU: torch's CPU flash
+# kernel is slow in bf16 for short examples (its backward above all), and the math kernel computes in
+# fp32. A bf16 step of SmolLM2-135M on 8 packed rows of ~100-200-token examples: 12.75 -> 10.98 s
+# (benchmarks/NOTES.md, session 10). Longer examples keep the flash kernel, which is faster there and
+# keeps no [length x length] weights (the math kernel keeps fp32 q, k, v and weights: plan.py counts them).
+MATH_SEGMENT = 128
+
+
 def _attend_segments(query, key, value, lengths: list[int], scaling) -> torch.Tensor:
     """[heads, tokens, dim] of causal attention within each run of `lengths` tokens of the flattened rows.
     split, not slicing: the backward of one split is one cat; each slice's would fill a zero tensor of
     the whole batch (measured: 150 against 92 ms per layer for 8 x 512 tokens of SmolLM2)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def pieces(x):
         return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1]).split(lengths, 1)
 
-    parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
-                                            enable_gqa=True)[0]
-             for q, k, v in zip(pieces(query), pieces(key), pieces(value))]
-    return torch.cat(parts, 1)
+    def attend(q, k, v):
+        short = q.dtype != torch.float32 and q.shape[1] <= MATH_SEGMENT
+        with sdpa_kernel(SDPBackend.MATH) if short else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
+                                                  enable_gqa=True)[0]
+
+    return torch.cat([attend(q, k, v) for q, k, v in zip(pieces(query), pieces(key), pieces(value))], 1)
